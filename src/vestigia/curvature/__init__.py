@@ -1,0 +1,20 @@
+"""Curvature: inverse-Hessian-vector products (exact, conjugate gradient, LiSSA)."""
+
+from vestigia.curvature.base import InverseHessianVectorProduct
+from vestigia.curvature.exact import ExactIHVP, mean_hessian
+from vestigia.curvature.iterative import ConjugateGradientDescentIHVP, IterativeIHVP, LissaIHVP
+from vestigia.curvature.registry import IHVPCalculator, get
+from vestigia.curvature.solvers import conjugate_gradient, lissa
+
+__all__ = [
+    "ConjugateGradientDescentIHVP",
+    "ExactIHVP",
+    "IHVPCalculator",
+    "InverseHessianVectorProduct",
+    "IterativeIHVP",
+    "LissaIHVP",
+    "conjugate_gradient",
+    "get",
+    "lissa",
+    "mean_hessian",
+]

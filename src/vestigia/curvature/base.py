@@ -1,0 +1,107 @@
+"""The inverse-Hessian-vector-product interface shared by every curvature solver.
+
+`H` is the mean Hessian of the (weighted) training loss over the `n` training examples,
+plus `damping * I`. Vectors are rows: `solve(V)` takes `V` of shape `(m, n_params)` and
+returns `H^-1 V` row by row, `hvp(V)` returns `H V`. The seed's `compute_ihvp` /
+`compute_hvp` are thin views that return one `(n_params, batch)` block per batch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from vestigia.data.dataset import as_batched_dataset, to_batched_dataset
+from vestigia.errors import InvalidDataError, check_non_negative
+from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch
+
+
+class InverseHessianVectorProduct(ABC):
+    """Base class: `solve(V) = (H + damping I)^-1 V`, `hvp(V) = (H + damping I) V`.
+
+    Args:
+        influence_model: the model and its watched weights.
+        train_dataset: batched training data that defines `H`.
+        damping: `damping * I` is added to `H` (>= 0).
+    """
+
+    def __init__(
+        self,
+        influence_model: BaseInfluenceModel,
+        train_dataset: Any | None,
+        damping: float = 0.0,
+    ) -> None:
+        if not isinstance(influence_model, BaseInfluenceModel):
+            raise TypeError(
+                f"`influence_model` must be an InfluenceModel. Received: {type(influence_model).__name__}"
+            )
+        self.model = influence_model
+        self.train_dataset = (
+            None if train_dataset is None else as_batched_dataset(train_dataset, "train_dataset")
+        )
+        self.damping = check_non_negative("damping", damping)
+        self.n_params = influence_model.nb_params
+
+    @abstractmethod
+    def solve(self, vectors: Any) -> tf.Tensor:
+        """`(H + damping I)^-1 v` for each row `v` of `vectors` `(m, n_params)`; float32 `(m, n_params)`."""
+
+    @abstractmethod
+    def hvp(self, vectors: Any) -> tf.Tensor:
+        """`(H + damping I) v` for each row `v` of `vectors` `(m, n_params)`; float32 `(m, n_params)`."""
+
+    def _check_vectors(self, vectors: Any, name: str = "vectors") -> np.ndarray:
+        array = np.asarray(vectors, dtype=np.float64)
+        if array.ndim == 1:
+            array = array[None, :]
+        if array.ndim != 2 or array.shape[1] != self.n_params:
+            raise InvalidDataError(
+                f"`{name}` must have shape (m, {self.n_params}) (one vector of the watched parameters "
+                f"per row). Received shape {np.shape(vectors)}"
+            )
+        return array
+
+    # -- the seed's API ------------------------------------------------------------------------
+
+    def compute_ihvp(self, group: Any, use_gradient: bool = True) -> tf.data.Dataset:
+        """`H^-1 g` for each example of `group`, one `(n_params, batch)` block per batch.
+
+        Args:
+            group: batched data (`use_gradient=True`), or a batched dataset of vectors
+                `(batch, n_params)` (`use_gradient=False`).
+        """
+        return self._per_batch(group, use_gradient, self.solve)
+
+    def compute_hvp(self, group: Any, use_gradient: bool = True) -> tf.data.Dataset:
+        """`H g` for each example of `group`, one `(n_params, batch)` block per batch."""
+        return self._per_batch(group, use_gradient, self.hvp)
+
+    def _per_batch(self, group: Any, use_gradient: bool, apply: Any) -> tf.data.Dataset:
+        blocks, sizes = [], []
+        if use_gradient:
+            for batch in self.model.feature_batches(as_batched_dataset(group, "group"), "group"):
+                blocks.append(apply(self.model.batch_losses_and_gradients(batch, "group")[1]))
+                sizes.append(batch.size)
+        else:
+            for vectors in group:
+                blocks.append(apply(vectors))
+                sizes.append(int(vectors.shape[0]))
+        if not blocks:
+            raise InvalidDataError("`group` is empty: iterating it yielded no examples.")
+        return to_batched_dataset(tf.concat(blocks, axis=0), sizes).map(tf.transpose)
+
+
+def summed_hessian_products(
+    model: BaseInfluenceModel, batches: list[FeatureBatch], vectors: np.ndarray
+) -> np.ndarray:
+    """`sum_i (d^2 l_i / d theta^2) v` over all examples of `batches`, for each row of `vectors`."""
+    tensor = tf.constant(vectors, dtype=model.weights[0].dtype)
+    total = np.zeros(vectors.shape, dtype=np.float64)
+    for batch in batches:
+        total += model.differentiator.hvp(
+            batch.features, batch.targets, batch.weights, tensor
+        ).numpy()
+    return total

@@ -1,0 +1,103 @@
+"""`ExactIHVP`: the dense mean Hessian, held and factored in float64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from vestigia.curvature.base import InverseHessianVectorProduct
+from vestigia.errors import InvalidDataError, check_finite
+from vestigia.model.influence_model import BaseInfluenceModel
+
+
+def mean_hessian(
+    model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset"
+) -> np.ndarray:
+    """`H = (1/n) sum_i w_i d^2 loss_i / d theta^2`, float64 `(n_params, n_params)`.
+
+    Each batch contributes the Hessian of its summed loss; no per-example Hessian is formed,
+    so memory does not grow with the batch size.
+    """
+    total = np.zeros((model.nb_params, model.nb_params), dtype=np.float64)
+    count = 0
+    for batch in model.feature_batches(dataset, name):
+        total += model.differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
+        count += batch.size
+    hessian = (total + total.T) / (2.0 * count)
+    check_finite("the training Hessian", hessian)
+    return hessian
+
+
+class ExactIHVP(InverseHessianVectorProduct):
+    """Exact inverse-Hessian-vector products from the dense `(n_params, n_params)` Hessian.
+
+    `H` is built once, vectorised per batch, symmetrised and eigendecomposed in float64:
+    `H = Q diag(lambda) Q^T`. With `damping > 0` the inverse is `Q diag(1/(lambda + damping)) Q^T`;
+    with `damping = 0` it is the Moore-Penrose pseudo-inverse, as in the seed: eigenvalues with
+    `|lambda| <= rcond * max|lambda|` are treated as zero. The default `rcond` is
+    `10 * n_params * eps(float32)`, the cut-off `tf.linalg.pinv` applies to float32 data, since
+    the Hessian's entries are computed in float32.
+
+    Args:
+        influence_model: the model and its watched weights.
+        train_dataset: batched training data defining `H` (optional if `train_hessian` is given).
+        train_hessian: a precomputed `(n_params, n_params)` Hessian, used instead of the data.
+        damping: added to every eigenvalue (>= 0).
+        rcond: relative cut-off of the pseudo-inverse, used when `damping == 0`.
+
+    Attributes:
+        hessian: `H + damping I`, float64. inv_hessian: its (pseudo-)inverse, float64.
+    """
+
+    def __init__(
+        self,
+        influence_model: BaseInfluenceModel,
+        train_dataset: Any | None = None,
+        train_hessian: Any | None = None,
+        damping: float = 0.0,
+        rcond: float | None = None,
+    ) -> None:
+        super().__init__(influence_model, train_dataset, damping)
+        if train_hessian is not None:
+            hessian = np.asarray(train_hessian, dtype=np.float64)
+            if hessian.shape != (self.n_params, self.n_params):
+                raise InvalidDataError(
+                    f"`train_hessian` must have shape ({self.n_params}, {self.n_params}). "
+                    f"Received shape {hessian.shape}"
+                )
+            check_finite("train_hessian", hessian)
+            hessian = (hessian + hessian.T) / 2.0
+        elif self.train_dataset is not None:
+            hessian = mean_hessian(influence_model, self.train_dataset)
+        else:
+            raise InvalidDataError(
+                "ExactIHVP needs `train_dataset` or `train_hessian`. Received neither."
+            )
+        self.rcond = (
+            10.0 * self.n_params * np.finfo(np.float32).eps if rcond is None else float(rcond)
+        )
+        eigenvalues, eigenvectors = np.linalg.eigh(hessian)
+        shifted = eigenvalues + self.damping
+        if self.damping > 0:
+            inverse = 1.0 / shifted
+        else:
+            keep = np.abs(shifted) > self.rcond * np.max(np.abs(shifted), initial=0.0)
+            inverse = np.where(keep, 1.0 / np.where(keep, shifted, 1.0), 0.0)
+        self.eigenvalues = shifted
+        self.eigenvectors = eigenvectors
+        self.hessian = hessian + self.damping * np.eye(self.n_params)
+        self.inv_hessian = (eigenvectors * inverse) @ eigenvectors.T
+        self._inv32 = tf.constant(self.inv_hessian, dtype=tf.float32)
+        self._h32 = tf.constant(self.hessian, dtype=tf.float32)
+
+    def solve(self, vectors: Any) -> tf.Tensor:
+        return tf.matmul(tf.cast(vectors, tf.float32), self._inv32)
+
+    def hvp(self, vectors: Any) -> tf.Tensor:
+        return tf.matmul(tf.cast(vectors, tf.float32), self._h32)
+
+    def solve64(self, vectors: Any) -> np.ndarray:
+        """`solve` in float64, for oracles and small problems."""
+        return self._check_vectors(vectors) @ self.inv_hessian

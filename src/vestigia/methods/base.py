@@ -1,0 +1,345 @@
+"""The calculator engine shared by every attribution method.
+
+Most methods are inner products, `value(z_test, z) = sum_c <psi_c(z_test), phi_c(z)>`, with one
+component `c` for most methods and one per checkpoint for TracIn. A method defines, per raw
+batch, the *seed pairing* (`_influence_vector` = `phi`, the training-side influence vector the
+seed returns, and `_preprocess` = `psi`), optionally a cheaper *scoring pairing* with the same
+inner products (`_score_train_side` / `_score_test_side`, e.g. `g_z` and `H^-1 g_test`), and
+its own self-influence if it can be had with one gradient per example.
+
+The engine does the rest, the same way for every method: one pass over the training set per
+call, test-side vectors computed once, scores by matrix products, streaming top-k with memory
+`O(n_test * k)`, and the seed's dataset-shaped results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from vestigia.data.dataset import (
+    Batch,
+    ProcessBatchFn,
+    as_batched_dataset,
+    default_process_batch,
+    iterate_batches,
+    select_samples,
+    to_batched_dataset,
+)
+from vestigia.errors import InvalidDataError, check_positive_int
+from vestigia.results.enums import CACHE, ORDER
+from vestigia.results.topk import StreamingTopK, TopK
+
+
+def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
+def _check_k(k: Any, available: int, what: str) -> int:
+    k = check_positive_int("k", k)
+    if k > available:
+        raise InvalidDataError(
+            f"`k` must be at most the number of {what} ({available}). Received: k={k}"
+        )
+    return k
+
+
+class SelfInfluenceCalculator(ABC):
+    """Self-influence of each training example, its ranking, and the seed's views of both.
+
+    Subclasses implement `_self_influence(batch) -> (batch,)`. Higher means more influential
+    on itself: more suspicious (mislabeled, atypical, memorised).
+    """
+
+    process_batch_for_loss_fn: ProcessBatchFn = staticmethod(default_process_batch)  # type: ignore[assignment]
+
+    @abstractmethod
+    def _self_influence(self, batch: Batch) -> np.ndarray:
+        """Self-influence of each example of a raw batch, shape `(batch,)`."""
+
+    def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
+        return iterate_batches(
+            as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name
+        )
+
+    def self_influence(self, train_set: Any, device: str | None = None) -> np.ndarray:
+        """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order."""
+        with _device(device):
+            values = [
+                np.asarray(self._self_influence(b), np.float32)
+                for b in self._batches(train_set, "train_set")
+            ]
+        return np.concatenate(values)
+
+    def compute_influence_values(
+        self, train_set: Any, device: str | None = None
+    ) -> tf.data.Dataset:
+        """The seed's view: a dataset of `(train_batch, self_influence (batch, 1))`, in order."""
+        train_set = as_batched_dataset(train_set, "train_set")
+        with _device(device):
+            values, sizes = [], []
+            for batch in self._batches(train_set, "train_set"):
+                values.append(np.asarray(self._self_influence(batch), np.float32))
+                sizes.append(batch.size)
+        return tf.data.Dataset.zip(
+            (train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes))
+        )
+
+    def _compute_influence_values(self, train_set: Any) -> tf.Tensor:
+        """Self-influence as a `(n_train, 1)` tensor (the seed's private helper)."""
+        return tf.constant(self.self_influence(train_set)[:, None])
+
+    def compute_top_k_from_training_dataset(
+        self, train_set: Any, k: int, order: ORDER = ORDER.DESCENDING
+    ) -> TopK:
+        """The `k` training examples of highest (DESCENDING) or lowest self-influence.
+
+        Streams over the training set keeping `k` candidates. Returns a `TopK` that unpacks as
+        the seed's `(samples (k, ...), values (k,))` and carries `indices (k,)`.
+        """
+        check_positive_int("k", k)
+        train_set = as_batched_dataset(train_set, "train_set")
+        stream = StreamingTopK(1, k, order)
+        for batch in self._batches(train_set, "train_set"):
+            stream.add(np.asarray(self._self_influence(batch))[None, :])
+        _check_k(k, stream.seen, "training examples")
+        values, indices = stream.result()
+        samples = select_samples(train_set, indices[0], self.process_batch_for_loss_fn)
+        return TopK(samples, values[0], indices[0])
+
+
+class BaseInfluenceCalculator(SelfInfluenceCalculator):
+    """Inner-product methods: pairwise values, influence vectors, top-k, on one engine."""
+
+    n_components: int = 1
+
+    @abstractmethod
+    def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
+        """`phi(z)` for each training example of a raw batch, `(batch, dim)`."""
+
+    @abstractmethod
+    def _preprocess(self, batch: Batch, component: int = 0) -> tf.Tensor:
+        """`psi(z_test)` for each test example of a raw batch, `(batch, dim)`."""
+
+    def _score_train_side(self, batch: Batch, component: int) -> tf.Tensor:
+        return self._influence_vector(batch, component)
+
+    def _score_test_side(self, batch: Batch, component: int) -> tf.Tensor:
+        return self._preprocess(batch, component)
+
+    def _self_influence(self, batch: Batch) -> np.ndarray:
+        total = 0.0
+        for c in range(self.n_components):
+            products = self._preprocess(batch, c) * self._influence_vector(batch, c)
+            total = total + tf.reduce_sum(products, axis=1).numpy()
+        return np.asarray(total)
+
+    # -- the engine ----------------------------------------------------------------------------
+
+    def _test_sides(self, dataset: Any) -> tuple[list[tf.Tensor], list[int]]:
+        sides: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
+        sizes = []
+        for batch in self._batches(dataset, "dataset_to_evaluate"):
+            for c in range(self.n_components):
+                sides[c].append(self._score_test_side(batch, c))
+            sizes.append(batch.size)
+        return [tf.concat(s, axis=0) for s in sides], sizes
+
+    def score_blocks(self, dataset_to_evaluate: Any, train_set: Any) -> Iterator[np.ndarray]:
+        """Yield score blocks `(n_test, train_batch)`, one per training batch, in order."""
+        test_sides, _ = self._test_sides(dataset_to_evaluate)
+        for batch in self._batches(train_set, "train_set"):
+            block = None
+            for c, test_side in enumerate(test_sides):
+                scores = tf.matmul(test_side, self._score_train_side(batch, c), transpose_b=True)
+                block = scores if block is None else block + scores
+            yield np.asarray(block)
+
+    def influence_matrix(
+        self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None
+    ) -> np.ndarray:
+        """All pairwise values `(n_test, n_train)`: `values[t, i]` is the influence of training
+        example `i` on test example `t` (positive: proponent)."""
+        with _device(device):
+            return np.concatenate(list(self.score_blocks(dataset_to_evaluate, train_set)), axis=1)
+
+    def top_k_indices(
+        self,
+        dataset_to_evaluate: Any,
+        train_set: Any,
+        k: int = 5,
+        order: ORDER = ORDER.DESCENDING,
+        device: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` most influential training examples for each test example, streamed.
+
+        Returns:
+            `(values, indices)`, each `(n_test, k)`, best first; memory `O(n_test * k)`.
+        """
+        check_positive_int("k", k)
+        with _device(device):
+            stream: StreamingTopK | None = None
+            for block in self.score_blocks(dataset_to_evaluate, train_set):
+                stream = stream or StreamingTopK(block.shape[0], k, order)
+                stream.add(block)
+        assert stream is not None
+        _check_k(k, stream.seen, "training examples")
+        return stream.result()
+
+    # -- the seed's API ------------------------------------------------------------------------
+
+    def _compute_influence_vector(self, train_batch: Any) -> tf.Tensor:
+        """The seed's private hook: influence vectors of one dataset element."""
+        batch = next(
+            iterate_batches(
+                tf.data.Dataset.from_tensors(train_batch), self.process_batch_for_loss_fn
+            )
+        )
+        return self._influence_vector(batch, 0)
+
+    def _preprocess_samples(self, test_batch: Any) -> tf.Tensor:
+        """The seed's private hook: preprocessed test vectors of one dataset element."""
+        batch = next(
+            iterate_batches(
+                tf.data.Dataset.from_tensors(test_batch), self.process_batch_for_loss_fn
+            )
+        )
+        return self._preprocess(batch, 0)
+
+    def _estimate_individual_influence_values_from_batch(
+        self, train_batch: Any, test_batch: Any
+    ) -> tf.Tensor:
+        """Pairwise values `(test_batch, train_batch)` of two dataset elements."""
+        values = self.influence_matrix(
+            tf.data.Dataset.from_tensors(test_batch), tf.data.Dataset.from_tensors(train_batch)
+        )
+        return tf.constant(values)
+
+    def _influence_vectors(self, train_set: tf.data.Dataset) -> tuple[tf.Tensor, list[int]]:
+        vectors, sizes = [], []
+        for batch in self._batches(train_set, "train_set"):
+            vectors.append(
+                tf.concat(
+                    [self._influence_vector(batch, c) for c in range(self.n_components)], axis=1
+                )
+            )
+            sizes.append(batch.size)
+        return tf.concat(vectors, axis=0), sizes
+
+    def compute_influence_vector(
+        self,
+        train_set: Any,
+        save_influence_vector_ds_path: str | None = None,
+        device: str | None = None,
+    ) -> tf.data.Dataset:
+        """A dataset of `(train_batch, influence_vectors (batch, dim))`, saved if a path is given."""
+        train_set = as_batched_dataset(train_set, "train_set")
+        with _device(device):
+            vectors, sizes = self._influence_vectors(train_set)
+        result = tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes)))
+        if save_influence_vector_ds_path is not None:
+            result.save(save_influence_vector_ds_path)
+        return result
+
+    def _scores_against_saved_vectors(self, dataset_to_evaluate: Any, path: str) -> np.ndarray:
+        saved = tf.data.Dataset.load(path)
+        phi = tf.concat([vectors for _, vectors in saved], axis=0)
+        psi = [
+            tf.concat([self._preprocess(b, c) for c in range(self.n_components)], axis=1)
+            for b in self._batches(dataset_to_evaluate, "dataset_to_evaluate")
+        ]
+        return tf.matmul(tf.concat(psi, axis=0), phi, transpose_b=True).numpy()
+
+    def estimate_influence_values_in_batches(
+        self,
+        dataset_to_evaluate: Any,
+        train_set: Any,
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        load_influence_vector_path: str | None = None,
+        save_influence_vector_path: str | None = None,
+        save_influence_value_path: str | None = None,
+        device: str | None = None,
+    ) -> tf.data.Dataset:
+        """The seed's nested view of the pairwise values.
+
+        Returns a dataset of `(test_batch, inner)` where `inner` is a dataset of
+        `(train_batch, values (test_batch, train_batch))`. Training-side vectors are computed
+        once per call whatever `influence_vector_in_cache` says (all test vectors are scored
+        in one pass over the training set); `load_influence_vector_path` reads vectors saved by
+        `compute_influence_vector` instead, `save_influence_vector_path` saves them, and
+        `save_influence_value_path` saves each inner dataset under `{path}/batch_{i:06d}`.
+        """
+        if not isinstance(influence_vector_in_cache, CACHE):
+            raise TypeError(
+                f"`influence_vector_in_cache` must be a CACHE. Received: {influence_vector_in_cache!r}"
+            )
+        test_set = as_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        train_set = as_batched_dataset(train_set, "train_set")
+        with _device(device):
+            if save_influence_vector_path is not None:
+                self.compute_influence_vector(train_set, save_influence_vector_path)
+            if load_influence_vector_path is not None:
+                values = self._scores_against_saved_vectors(test_set, load_influence_vector_path)
+            else:
+                values = self.influence_matrix(test_set, train_set)
+        train_sizes = [b.size for b in self._batches(train_set, "train_set")]
+        test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
+        offsets = np.concatenate([[0], np.cumsum(test_sizes)])
+        outer = None
+        for i, (test_batch, start, stop) in enumerate(zip(test_set, offsets[:-1], offsets[1:])):
+            block = values[start:stop].T
+            inner = tf.data.Dataset.zip(
+                (train_set, to_batched_dataset(block, train_sizes).map(tf.transpose))
+            )
+            if save_influence_value_path is not None:
+                inner.save(f"{save_influence_value_path}/batch_{i:06d}")
+            element = tf.data.Dataset.from_tensors((test_batch, inner))
+            outer = element if outer is None else outer.concatenate(element)
+        assert outer is not None
+        return outer
+
+    def top_k(
+        self,
+        dataset_to_evaluate: Any,
+        train_set: Any,
+        k: int = 5,
+        order: ORDER | Any = ORDER.DESCENDING,
+        nearest_neighbors: Any = None,
+        influence_vector_in_cache: CACHE = CACHE.MEMORY,
+        load_influence_vector_ds_path: str | None = None,
+        save_influence_vector_ds_path: str | None = None,
+        save_top_k_ds_path: str | None = None,
+        d_type: tf.DType = tf.float32,
+        device: str | None = None,
+    ) -> tf.data.Dataset:
+        """The seed's view of per-query top-k: a dataset of
+        `(test_batch, values (batch, k), train_samples (batch, k, ...))`.
+
+        Works for any query batch size. The seed's README passes `ORDER` as the fourth
+        positional argument, which is `order` here; a nearest-neighbour object passed there (the
+        seed's fourth parameter) is accepted and ignored: the scan is exact. Use
+        `top_k_indices` for the training indices.
+        """
+        if not isinstance(order, ORDER):
+            order, nearest_neighbors = (
+                (nearest_neighbors if isinstance(nearest_neighbors, ORDER) else ORDER.DESCENDING),
+                order,
+            )
+        test_set = as_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
+        train_set = as_batched_dataset(train_set, "train_set")
+        if save_influence_vector_ds_path is not None:
+            self.compute_influence_vector(train_set, save_influence_vector_ds_path)
+        values, indices = self.top_k_indices(test_set, train_set, k, order, device)
+        samples = select_samples(train_set, indices, self.process_batch_for_loss_fn)
+        test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
+        result = tf.data.Dataset.zip(
+            (test_set, to_batched_dataset((tf.cast(values, d_type), samples), test_sizes))
+        ).map(lambda batch, found: (batch, found[0], found[1]))
+        if save_top_k_ds_path is not None:
+            result.save(save_top_k_ds_path)
+        return result

@@ -1,0 +1,315 @@
+"""`InfluenceModel`: a Keras model, its watched weights and an unreduced loss.
+
+The model is split at the first watched layer into a frozen trunk, run once per batch, and a
+head that is differentiated (see `vestigia.model.split`). Everything downstream asks this
+object for per-example losses, gradients `(n, n_params)` and Hessian-vector products.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from vestigia.data.dataset import (
+    Batch,
+    ProcessBatchFn,
+    default_process_batch,
+    iterate_batches,
+)
+from vestigia.errors import InvalidModelError, NonFiniteError, check_finite
+from vestigia.gradients.autodiff import HeadDifferentiator, LossFn
+from vestigia.model.split import split_model
+
+_UNREDUCED = (None, "none")
+
+
+class FeatureBatch(NamedTuple):
+    """A batch after the trunk: head inputs, targets, weights `(batch,)`, and its size."""
+
+    features: Any
+    targets: Any
+    weights: tf.Tensor
+    size: int
+
+
+def default_loss() -> keras.losses.Loss:
+    """The seed's default: categorical cross-entropy on probabilities, unreduced."""
+    return keras.losses.CategoricalCrossentropy(from_logits=False, reduction=None)
+
+
+def _check_unreduced(loss_function: Any) -> None:
+    if not callable(loss_function):
+        raise InvalidModelError(
+            f"`loss_function` must be callable as loss(y_true, y_pred). Received: {loss_function!r}"
+        )
+    reduction = getattr(loss_function, "reduction", None)
+    if reduction not in _UNREDUCED:
+        raise InvalidModelError(
+            "`loss_function` must return one loss per example: create it with `reduction=None` "
+            f"(e.g. keras.losses.CategoricalCrossentropy(reduction=None)). Received: "
+            f"{type(loss_function).__name__} with reduction={reduction!r}"
+        )
+
+
+class BaseInfluenceModel:
+    """A model whose `weights_to_watch` are differentiated through an unreduced loss.
+
+    Args:
+        model: a built Keras 3 model.
+        weights_to_watch: the trainable variables to differentiate; default: every trainable
+            variable of the model.
+        loss_function: `loss(y_true, y_pred) -> (batch,)`, unreduced (`reduction=None`).
+        process_batch_for_loss_fn: maps a dataset element to `(inputs, y_true, sample_weight)`.
+        weights_processed: accepted for compatibility with the seed; unused.
+
+    Raises:
+        InvalidModelError: unbuilt model, no watched weight, non-trainable or foreign weights,
+            or a reduced loss.
+        NonFiniteError: watched weights hold NaN or Inf.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        weights_to_watch: list[Any] | None = None,
+        loss_function: LossFn | None = None,
+        process_batch_for_loss_fn: ProcessBatchFn = default_process_batch,
+        weights_processed: bool = False,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise InvalidModelError(
+                f"`model` must be a Keras 3 model. Received: {type(model).__name__}"
+            )
+        if not model.built:
+            raise InvalidModelError(
+                "`model` must be built (call it on a batch or give it an Input) before influence "
+                f"can be computed. Received an unbuilt model {model.name!r}."
+            )
+        loss_function = default_loss() if loss_function is None else loss_function
+        _check_unreduced(loss_function)
+        watched = list(model.trainable_variables if weights_to_watch is None else weights_to_watch)
+        if not watched:
+            raise InvalidModelError(
+                f"`weights_to_watch` is empty for model {model.name!r}: nothing to differentiate."
+            )
+        trainable_ids = {id(v) for v in model.trainable_variables}
+        for v in watched:
+            if id(v) not in trainable_ids:
+                raise InvalidModelError(
+                    f"`weights_to_watch` must hold trainable variables of `model`. Received: {getattr(v, 'path', v)!r}"
+                )
+        for v in watched:
+            check_finite(f"model weight {v.path}", np.asarray(v.numpy()), "weights")
+        self.model = model
+        self.weights = watched
+        self.loss_function = loss_function
+        self.process_batch_for_loss_fn = process_batch_for_loss_fn
+        watched_ids = {id(v) for v in watched}
+        self.watched_layers = [
+            layer
+            for layer in model.layers
+            if any(id(v) in watched_ids for v in layer.trainable_variables)
+        ]
+        start = (
+            min(model.layers.index(layer) for layer in self.watched_layers)
+            if self.watched_layers
+            else 0
+        )
+        self._trunk_model, head = split_model(model, start, self.watched_layers)
+        self.differentiator = HeadDifferentiator(head, [v.value for v in watched], loss_function)
+        self._trunk = tf.function(self._run_trunk, reduce_retracing=True)
+        self._loss_checked = False
+
+    @property
+    def nb_params(self) -> int:
+        """Number of watched scalar parameters `n_params`."""
+        return self.differentiator.n_params
+
+    @property
+    def layers(self) -> list[keras.layers.Layer]:
+        return self.model.layers
+
+    def __call__(self, inputs: Any) -> Any:
+        return self.model(inputs, training=False)
+
+    def _run_trunk(self, inputs: Any) -> Any:
+        if self._trunk_model is None:
+            return inputs
+        return self._trunk_model(inputs, training=False)
+
+    def _check_loss_output(self, batch: FeatureBatch) -> None:
+        losses = self.loss_function(batch.targets, self.differentiator.head(batch.features))
+        if losses.shape.rank != 1 or int(losses.shape[0]) != batch.size:
+            raise InvalidModelError(
+                "`loss_function` must return one loss per example, shape (batch,). Received "
+                f"shape {tuple(losses.shape)} for a batch of {batch.size}: is the loss reduced?"
+            )
+        self._loss_checked = True
+
+    def feature_batches(
+        self, dataset: tf.data.Dataset, name: str = "dataset"
+    ) -> Iterator[FeatureBatch]:
+        """Yield the dataset's batches with the trunk applied, in dataset order."""
+        for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, name):
+            yield self.features_of(batch)
+
+    def features_of(self, batch: Batch) -> FeatureBatch:
+        """Apply the trunk to one batch; missing sample weights become ones."""
+        features = self._trunk(batch.inputs)
+        dtype = self.weights[0].dtype
+        weights = (
+            tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
+        )
+        feature_batch = FeatureBatch(features, batch.targets, weights, batch.size)
+        if not self._loss_checked:
+            self._check_loss_output(feature_batch)
+        return feature_batch
+
+    def batch_losses_and_gradients(
+        self, batch: FeatureBatch, name: str = "dataset"
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Weighted losses `(batch,)` and per-example gradients `(batch, n_params)` of one batch.
+
+        Raises:
+            NonFiniteError: a loss or gradient is NaN or Inf.
+        """
+        losses, grads = self.differentiator.gradients(batch.features, batch.targets, batch.weights)
+        if not bool(tf.reduce_all(tf.math.is_finite(losses))) or not bool(
+            tf.reduce_all(tf.math.is_finite(grads))
+        ):
+            raise NonFiniteError(self._diagnose_non_finite(batch, name, losses))
+        return losses, grads
+
+    def _diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor) -> str:
+        parts = {
+            "inputs (after the trunk)": batch.features,
+            "labels": batch.targets,
+            "sample weights": batch.weights,
+        }
+        for what, value in parts.items():
+            for t in tf.nest.flatten(value):
+                if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
+                    return f"`{name}` holds NaN or Inf in its {what}."
+        where = "losses" if not bool(tf.reduce_all(tf.math.is_finite(losses))) else "gradients"
+        return (
+            f"A batch of `{name}` gives non-finite {where} (NaN or Inf) although its data are finite: "
+            "check the model's outputs and the loss (e.g. log(0) on probabilities)."
+        )
+
+    # -- the seed's API ------------------------------------------------------------------------
+
+    def batch_loss(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """Weighted per-example losses of the whole dataset, shape `(n,)`."""
+        losses = [
+            self.differentiator.losses(b.features, b.targets, b.weights)
+            for b in self.feature_batches(dataset)
+        ]
+        return tf.concat(losses, axis=0)
+
+    def batch_jacobian_tensor(self, batch: Any) -> tf.Tensor:
+        """Per-example gradients of one dataset element, shape `(batch, n_params)`."""
+        return tf.concat(list(self._gradient_rows(tf.data.Dataset.from_tensors(batch))), axis=0)
+
+    def batch_jacobian(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """Per-example gradients of the whole dataset, shape `(n, n_params)`."""
+        return tf.concat(list(self._gradient_rows(dataset)), axis=0)
+
+    def batch_gradient_tensor(self, batch: Any) -> tf.Tensor:
+        """Gradient of one element's summed loss, shape `(n_params,)`."""
+        return tf.reduce_sum(self.batch_jacobian_tensor(batch), axis=0)
+
+    def batch_gradient(self, dataset: tf.data.Dataset) -> tf.Tensor:
+        """One summed gradient per batch, shape `(n_batches, n_params)`."""
+        return tf.stack([tf.reduce_sum(g, axis=0) for g in self._gradient_rows(dataset)])
+
+    def _gradient_rows(self, dataset: tf.data.Dataset) -> Iterator[tf.Tensor]:
+        for batch in self.feature_batches(dataset):
+            yield self.batch_losses_and_gradients(batch)[1]
+
+
+def _resolve_layer(model: keras.Model, layer: int | str, name: str) -> int:
+    layers = model.layers
+    if isinstance(layer, str):
+        names = [lyr.name for lyr in layers]
+        if layer not in names:
+            raise InvalidModelError(
+                f"`{name}` names no layer of the model. Received: {name}={layer!r}; layers: {names}"
+            )
+        return names.index(layer)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise InvalidModelError(
+            f"`{name}` must be a layer index or name. Received: {name}={layer!r}"
+        )
+    if not -len(layers) <= layer < len(layers):
+        raise InvalidModelError(
+            f"`{name}` is out of range for a model with {len(layers)} layers. Received: {name}={layer}"
+        )
+    return int(layer) % len(layers)
+
+
+def _default_start_layer(model: keras.Model) -> int:
+    """The seed's default: the last layer with weights, searching backwards from `layers[-2]`."""
+    layers = model.layers
+    for i in range(len(layers) - 2, -1, -1):
+        if layers[i].trainable_variables:
+            return i
+    if layers and layers[-1].trainable_variables:
+        return len(layers) - 1
+    raise InvalidModelError(f"Model {model.name!r} has no layer with trainable weights to watch.")
+
+
+class InfluenceModel(BaseInfluenceModel):
+    """Watch the trainable weights of `model.layers[start_layer : last_layer + 1]`.
+
+    Args:
+        model: a built Keras 3 model.
+        start_layer: index (negative allowed) or name of the first watched layer. Default, as in
+            the seed: the last layer with weights, searching backwards from `layers[-2]` (or the
+            last layer if no earlier one has weights).
+        last_layer: index or name of the last watched layer; default: `start_layer` only.
+        loss_function: unreduced loss `loss(y_true, y_pred) -> (batch,)`; default
+            `CategoricalCrossentropy(from_logits=False, reduction=None)`.
+        process_batch_for_loss_fn: maps a dataset element to `(inputs, y_true, sample_weight)`.
+
+    Raises:
+        InvalidModelError: a layer that does not exist or has no trainable weights, a
+            `last_layer` before `start_layer`, or a reduced loss.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        start_layer: int | str | None = None,
+        last_layer: int | str | None = None,
+        loss_function: LossFn | None = None,
+        process_batch_for_loss_fn: ProcessBatchFn = default_process_batch,
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise InvalidModelError(
+                f"`model` must be a Keras 3 model. Received: {type(model).__name__}"
+            )
+        start = (
+            _default_start_layer(model)
+            if start_layer is None
+            else _resolve_layer(model, start_layer, "start_layer")
+        )
+        last = start if last_layer is None else _resolve_layer(model, last_layer, "last_layer")
+        if last < start:
+            raise InvalidModelError(
+                f"`last_layer` must not come before `start_layer`. Received: start_layer={start_layer!r} "
+                f"(index {start}), last_layer={last_layer!r} (index {last})"
+            )
+        watched = [v for layer in model.layers[start : last + 1] for v in layer.trainable_variables]
+        if not watched:
+            names = [model.layers[i].name for i in range(start, last + 1)]
+            raise InvalidModelError(
+                f"The watched layers {names} have no trainable weights. Received: "
+                f"start_layer={start_layer!r}, last_layer={last_layer!r}"
+            )
+        self.start_layer = start
+        self.last_layer = last
+        super().__init__(model, watched, loss_function, process_batch_for_loss_fn)
