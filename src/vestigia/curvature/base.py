@@ -35,13 +35,9 @@ class InverseHessianVectorProduct(ABC):
         damping: float = 0.0,
     ) -> None:
         if not isinstance(influence_model, BaseInfluenceModel):
-            raise TypeError(
-                f"`influence_model` must be an InfluenceModel. Received: {type(influence_model).__name__}"
-            )
+            raise TypeError(f"`influence_model` must be an InfluenceModel. Received: {type(influence_model).__name__}")
         self.model = influence_model
-        self.train_dataset = (
-            None if train_dataset is None else as_batched_dataset(train_dataset, "train_dataset")
-        )
+        self.train_dataset = None if train_dataset is None else as_batched_dataset(train_dataset, "train_dataset")
         self.damping = check_non_negative("damping", damping)
         self.n_params = influence_model.nb_params
 
@@ -94,14 +90,10 @@ class InverseHessianVectorProduct(ABC):
         return to_batched_dataset(tf.concat(blocks, axis=0), sizes).map(tf.transpose)
 
 
-def summed_hessian_products(
-    model: BaseInfluenceModel, batches: list[FeatureBatch], vectors: np.ndarray
-) -> np.ndarray:
+def summed_hessian_products(model: BaseInfluenceModel, batches: list[FeatureBatch], vectors: np.ndarray) -> np.ndarray:
     """`sum_i (d^2 l_i / d theta^2) v` over all examples of `batches`, for each row of `vectors`."""
     tensor = tf.constant(vectors, dtype=model.weights[0].dtype)
     total = np.zeros(vectors.shape, dtype=np.float64)
     for batch in batches:
-        total += model.differentiator.hvp(
-            batch.features, batch.targets, batch.weights, tensor
-        ).numpy()
+        total += model.differentiator.hvp(batch.features, batch.targets, batch.weights, tensor).numpy()
     return total

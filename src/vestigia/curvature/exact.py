@@ -12,9 +12,7 @@ from vestigia.errors import InvalidDataError, check_finite
 from vestigia.model.influence_model import BaseInfluenceModel
 
 
-def mean_hessian(
-    model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset"
-) -> np.ndarray:
+def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset") -> np.ndarray:
     """`H = (1/n) sum_i w_i d^2 loss_i / d theta^2`, float64 `(n_params, n_params)`.
 
     Each batch contributes the Hessian of its summed loss; no per-example Hessian is formed,
@@ -72,12 +70,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         elif self.train_dataset is not None:
             hessian = mean_hessian(influence_model, self.train_dataset)
         else:
-            raise InvalidDataError(
-                "ExactIHVP needs `train_dataset` or `train_hessian`. Received neither."
-            )
-        self.rcond = (
-            10.0 * self.n_params * np.finfo(np.float32).eps if rcond is None else float(rcond)
-        )
+            raise InvalidDataError("ExactIHVP needs `train_dataset` or `train_hessian`. Received neither.")
+        self.rcond = 10.0 * self.n_params * np.finfo(np.float32).eps if rcond is None else float(rcond)
         eigenvalues, eigenvectors = np.linalg.eigh(hessian)
         shifted = eigenvalues + self.damping
         if self.damping > 0:

@@ -34,9 +34,7 @@ class IterativeIHVP(InverseHessianVectorProduct):
         n_opt_iters: int = 100,
     ) -> None:
         if train_dataset is None:
-            raise InvalidDataError(
-                "`train_dataset` is required by matrix-free IHVP solvers. Received: None"
-            )
+            raise InvalidDataError("`train_dataset` is required by matrix-free IHVP solvers. Received: None")
         super().__init__(influence_model, train_dataset, damping)
         self.n_opt_iters = check_positive_int("n_opt_iters", n_opt_iters)
         self._batches = list(influence_model.feature_batches(self.train_dataset, "train_dataset"))
@@ -125,7 +123,5 @@ class LissaIHVP(IterativeIHVP):
             raise ValueError(f"`scale` must be > 0. Received: scale={scale!r}")
 
     def solve(self, vectors: Any) -> tf.Tensor:
-        solution = lissa(
-            self.damped_hvp64, self._check_vectors(vectors), self.n_opt_iters, self.scale
-        )
+        solution = lissa(self.damped_hvp64, self._check_vectors(vectors), self.n_opt_iters, self.scale)
         return tf.constant(solution, dtype=tf.float32)

@@ -37,8 +37,7 @@ def default_process_batch(batch: Any) -> tuple[Any, Any, Any]:
         raise InvalidDataError(
             "Each dataset element must be a tuple `(x, y)` or `(x, y, sample_weight)`, or a "
             "`process_batch_for_loss_fn` must split it. Received an element of type "
-            f"{type(batch).__name__}"
-            + (f" with {len(batch)} parts" if isinstance(batch, (tuple, list)) else "")
+            f"{type(batch).__name__}" + (f" with {len(batch)} parts" if isinstance(batch, (tuple, list)) else "")
         )
     return batch[0], batch[1], batch[2] if len(batch) == 3 else None
 
@@ -59,9 +58,7 @@ def is_batched(dataset: tf.data.Dataset) -> bool:
     return len({str(d) for d in dims}) == 1
 
 
-def as_batched_dataset(
-    data: Any, name: str = "dataset", batch_size: int = DEFAULT_BATCH_SIZE
-) -> tf.data.Dataset:
+def as_batched_dataset(data: Any, name: str = "dataset", batch_size: int = DEFAULT_BATCH_SIZE) -> tf.data.Dataset:
     """Return `data` as a batched `tf.data.Dataset`.
 
     Args:
@@ -100,9 +97,7 @@ def as_batched_dataset(
 def _batch_size_of(inputs: Any, name: str) -> int:
     sizes = {int(tf.shape(t)[0]) for t in tf.nest.flatten(inputs)}
     if len(sizes) != 1:
-        raise InvalidDataError(
-            f"`{name}`: the inputs of one batch have different lengths {sorted(sizes)}."
-        )
+        raise InvalidDataError(f"`{name}`: the inputs of one batch have different lengths {sorted(sizes)}.")
     return sizes.pop()
 
 
@@ -142,9 +137,7 @@ def iterate_batches(
         raise InvalidDataError(f"`{name}` is empty: iterating it yielded no examples.")
 
 
-def dataset_size(
-    dataset: tf.data.Dataset, process_batch_fn: ProcessBatchFn = default_process_batch
-) -> int:
+def dataset_size(dataset: tf.data.Dataset, process_batch_fn: ProcessBatchFn = default_process_batch) -> int:
     """Number of examples in a batched dataset (partial batches counted exactly)."""
     return sum(batch.size for batch in iterate_batches(dataset, process_batch_fn))
 
@@ -159,10 +152,7 @@ def to_batched_dataset(rows: Any, batch_sizes: Sequence[int]) -> tf.data.Dataset
     if len(sizes) > 0 and all(s == sizes[0] for s in sizes[:-1]) and sizes[-1] <= sizes[0]:
         return tf.data.Dataset.from_tensor_slices(rows).batch(sizes[0])
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    chunks = [
-        tf.nest.map_structure(lambda r, a=a, b=b: r[a:b], rows)
-        for a, b in zip(offsets[:-1], offsets[1:])
-    ]
+    chunks = [tf.nest.map_structure(lambda r, a=a, b=b: r[a:b], rows) for a, b in zip(offsets[:-1], offsets[1:])]
     dataset = tf.data.Dataset.from_tensors(chunks[0])
     for chunk in chunks[1:]:
         dataset = dataset.concatenate(tf.data.Dataset.from_tensors(chunk))
@@ -194,9 +184,7 @@ def select_samples(
             break
     missing = [int(i) for i in wanted if int(i) not in picked]
     if missing:
-        raise InvalidDataError(
-            f"Indices {missing[:5]} are past the end of the dataset ({start} examples)."
-        )
+        raise InvalidDataError(f"Indices {missing[:5]} are past the end of the dataset ({start} examples).")
     flat_rows = [picked[int(i)] for i in indices.reshape(-1)]
     stacked = tf.nest.map_structure(lambda *r: np.stack(r), *flat_rows)
     return tf.nest.map_structure(lambda a: a.reshape(indices.shape + a.shape[1:]), stacked)

@@ -52,11 +52,7 @@ class HeadDifferentiator:
         self.sizes = [int(np.prod(v.shape)) for v in variables]
         self.n_params = int(sum(self.sizes))
         self.loss_fn = loss_fn
-        self._factored = {
-            id(layer): layer
-            for layer in head.tapped
-            if any(v is layer.kernel.value for v in variables)
-        }
+        self._factored = {id(layer): layer for layer in head.tapped if any(v is layer.kernel.value for v in variables)}
         factored_ids = set()
         for layer in self._factored.values():
             factored_ids.add(id(layer.kernel.value))
@@ -68,9 +64,7 @@ class HeadDifferentiator:
         self.hvp = tf.function(self._hvp, reduce_retracing=True)
         self.hessian = tf.function(self._hessian, reduce_retracing=True)
 
-    def _weighted_losses(
-        self, features: Any, targets: Any, weights: tf.Tensor, taps: list | None
-    ) -> tf.Tensor:
+    def _weighted_losses(self, features: Any, targets: Any, weights: tf.Tensor, taps: list | None) -> tf.Tensor:
         outputs = self.head(features, taps)
         losses = tf.reshape(self.loss_fn(targets, outputs), [-1])
         return losses * tf.cast(weights, losses.dtype)
@@ -78,9 +72,7 @@ class HeadDifferentiator:
     def _losses(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
         return self._weighted_losses(features, targets, weights, None)
 
-    def _gradients(
-        self, features: Any, targets: Any, weights: tf.Tensor
-    ) -> tuple[tf.Tensor, tf.Tensor]:
+    def _gradients(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         taps: list[DenseTap] = []
         with tf.GradientTape(persistent=bool(self._generic)) as tape:
             losses = self._weighted_losses(features, targets, weights, taps)
@@ -111,19 +103,13 @@ class HeadDifferentiator:
     def _batch_gradient(self, features: Any, targets: Any, weights: tf.Tensor) -> list[tf.Tensor]:
         with tf.GradientTape() as inner:
             total = tf.reduce_sum(self._weighted_losses(features, targets, weights, None))
-        return inner.gradient(
-            total, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO
-        )
+        return inner.gradient(total, self.variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
-    def _hvp(
-        self, features: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor
-    ) -> tf.Tensor:
+    def _hvp(self, features: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
         parts = self._split(vectors)
         with tf.GradientTape() as outer:
             grads = self._batch_gradient(features, targets, weights)
-            projections = tf.add_n(
-                [tf.linalg.matvec(p, tf.reshape(g, [-1])) for p, g in zip(parts, grads)]
-            )
+            projections = tf.add_n([tf.linalg.matvec(p, tf.reshape(g, [-1])) for p, g in zip(parts, grads)])
         products = outer.jacobian(
             projections,
             self.variables,

@@ -43,9 +43,7 @@ def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
 def _check_k(k: Any, available: int, what: str) -> int:
     k = check_positive_int("k", k)
     if k > available:
-        raise InvalidDataError(
-            f"`k` must be at most the number of {what} ({available}). Received: k={k}"
-        )
+        raise InvalidDataError(f"`k` must be at most the number of {what} ({available}). Received: k={k}")
     return k
 
 
@@ -63,22 +61,15 @@ class SelfInfluenceCalculator(ABC):
         """Self-influence of each example of a raw batch, shape `(batch,)`."""
 
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
-        return iterate_batches(
-            as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name
-        )
+        return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
 
     def self_influence(self, train_set: Any, device: str | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order."""
         with _device(device):
-            values = [
-                np.asarray(self._self_influence(b), np.float32)
-                for b in self._batches(train_set, "train_set")
-            ]
+            values = [np.asarray(self._self_influence(b), np.float32) for b in self._batches(train_set, "train_set")]
         return np.concatenate(values)
 
-    def compute_influence_values(
-        self, train_set: Any, device: str | None = None
-    ) -> tf.data.Dataset:
+    def compute_influence_values(self, train_set: Any, device: str | None = None) -> tf.data.Dataset:
         """The seed's view: a dataset of `(train_batch, self_influence (batch, 1))`, in order."""
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
@@ -86,17 +77,13 @@ class SelfInfluenceCalculator(ABC):
             for batch in self._batches(train_set, "train_set"):
                 values.append(np.asarray(self._self_influence(batch), np.float32))
                 sizes.append(batch.size)
-        return tf.data.Dataset.zip(
-            (train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes))
-        )
+        return tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
 
     def _compute_influence_values(self, train_set: Any) -> tf.Tensor:
         """Self-influence as a `(n_train, 1)` tensor (the seed's private helper)."""
         return tf.constant(self.self_influence(train_set)[:, None])
 
-    def compute_top_k_from_training_dataset(
-        self, train_set: Any, k: int, order: ORDER = ORDER.DESCENDING
-    ) -> TopK:
+    def compute_top_k_from_training_dataset(self, train_set: Any, k: int, order: ORDER = ORDER.DESCENDING) -> TopK:
         """The `k` training examples of highest (DESCENDING) or lowest self-influence.
 
         Streams over the training set keeping `k` candidates. Returns a `TopK` that unpacks as
@@ -160,9 +147,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 block = scores if block is None else block + scores
             yield np.asarray(block)
 
-    def influence_matrix(
-        self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None
-    ) -> np.ndarray:
+    def influence_matrix(self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None) -> np.ndarray:
         """All pairwise values `(n_test, n_train)`: `values[t, i]` is the influence of training
         example `i` on test example `t` (positive: proponent)."""
         with _device(device):
@@ -195,25 +180,15 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def _compute_influence_vector(self, train_batch: Any) -> tf.Tensor:
         """The seed's private hook: influence vectors of one dataset element."""
-        batch = next(
-            iterate_batches(
-                tf.data.Dataset.from_tensors(train_batch), self.process_batch_for_loss_fn
-            )
-        )
+        batch = next(iterate_batches(tf.data.Dataset.from_tensors(train_batch), self.process_batch_for_loss_fn))
         return self._influence_vector(batch, 0)
 
     def _preprocess_samples(self, test_batch: Any) -> tf.Tensor:
         """The seed's private hook: preprocessed test vectors of one dataset element."""
-        batch = next(
-            iterate_batches(
-                tf.data.Dataset.from_tensors(test_batch), self.process_batch_for_loss_fn
-            )
-        )
+        batch = next(iterate_batches(tf.data.Dataset.from_tensors(test_batch), self.process_batch_for_loss_fn))
         return self._preprocess(batch, 0)
 
-    def _estimate_individual_influence_values_from_batch(
-        self, train_batch: Any, test_batch: Any
-    ) -> tf.Tensor:
+    def _estimate_individual_influence_values_from_batch(self, train_batch: Any, test_batch: Any) -> tf.Tensor:
         """Pairwise values `(test_batch, train_batch)` of two dataset elements."""
         values = self.influence_matrix(
             tf.data.Dataset.from_tensors(test_batch), tf.data.Dataset.from_tensors(train_batch)
@@ -223,11 +198,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     def _influence_vectors(self, train_set: tf.data.Dataset) -> tuple[tf.Tensor, list[int]]:
         vectors, sizes = [], []
         for batch in self._batches(train_set, "train_set"):
-            vectors.append(
-                tf.concat(
-                    [self._influence_vector(batch, c) for c in range(self.n_components)], axis=1
-                )
-            )
+            vectors.append(tf.concat([self._influence_vector(batch, c) for c in range(self.n_components)], axis=1))
             sizes.append(batch.size)
         return tf.concat(vectors, axis=0), sizes
 
@@ -275,9 +246,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         `save_influence_value_path` saves each inner dataset under `{path}/batch_{i:06d}`.
         """
         if not isinstance(influence_vector_in_cache, CACHE):
-            raise TypeError(
-                f"`influence_vector_in_cache` must be a CACHE. Received: {influence_vector_in_cache!r}"
-            )
+            raise TypeError(f"`influence_vector_in_cache` must be a CACHE. Received: {influence_vector_in_cache!r}")
         test_set = as_batched_dataset(dataset_to_evaluate, "dataset_to_evaluate")
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
@@ -293,9 +262,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         outer = None
         for i, (test_batch, start, stop) in enumerate(zip(test_set, offsets[:-1], offsets[1:])):
             block = values[start:stop].T
-            inner = tf.data.Dataset.zip(
-                (train_set, to_batched_dataset(block, train_sizes).map(tf.transpose))
-            )
+            inner = tf.data.Dataset.zip((train_set, to_batched_dataset(block, train_sizes).map(tf.transpose)))
             if save_influence_value_path is not None:
                 inner.save(f"{save_influence_value_path}/batch_{i:06d}")
             element = tf.data.Dataset.from_tensors((test_batch, inner))

@@ -61,9 +61,7 @@ def example_gradients(model: BaseInfluenceModel, batch: Batch) -> tf.Tensor:
 def summed_gradient(model: BaseInfluenceModel, group: Any, name: str) -> tuple[tf.Tensor, int]:
     """`sum_{z in group} g_z` as `(1, n_params)`, and the true group size."""
     total, count = None, 0
-    for batch in iterate_batches(
-        as_batched_dataset(group, name), model.process_batch_for_loss_fn, name
-    ):
+    for batch in iterate_batches(as_batched_dataset(group, name), model.process_batch_for_loss_fn, name):
         summed = tf.reduce_sum(example_gradients(model, batch), axis=0, keepdims=True)
         total = summed if total is None else total + summed
         count += batch.size
@@ -140,18 +138,14 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
 
     def _self_influence(self, batch: Batch) -> np.ndarray:
         grads = self._gradients(batch)
-        return tf.reduce_sum(
-            grads * self._normalized(self.ihvp_calculator.solve(grads)), axis=1
-        ).numpy()
+        return tf.reduce_sum(grads * self._normalized(self.ihvp_calculator.solve(grads)), axis=1).numpy()
 
     def compute_influence_vector_group(self, group: Any) -> tf.Tensor:
         """`H^-1 sum_{z in group} g_z` (normalised for RelatIF), shape `(1, n_params)`."""
         summed, _ = self._summed_gradient(group, "group")
         return self._normalized(self.ihvp_calculator.solve(summed))
 
-    def estimate_influence_values_group(
-        self, group_train: Any, group_to_evaluate: Any = None
-    ) -> tf.Tensor:
+    def estimate_influence_values_group(self, group_train: Any, group_to_evaluate: Any = None) -> tf.Tensor:
         """`(sum_T g_t)^T H^-1 sum_U g_z`, shape `(1, 1)`: the sum of the pairwise values.
 
         With `group_to_evaluate=None`, the group's self-influence (`T = U`). Groups may differ

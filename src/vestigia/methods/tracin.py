@@ -30,17 +30,15 @@ class TracIn(BaseInfluenceCalculator):
         InvalidModelError: no checkpoint, or a number of learning rates that does not match.
     """
 
-    def __init__(
-        self, models: Sequence[BaseInfluenceModel], learning_rates: float | Sequence[float]
-    ) -> None:
-        models = list(models) if isinstance(models, (list, tuple)) else [models]
+    def __init__(self, models: Sequence[BaseInfluenceModel], learning_rates: float | Sequence[float]) -> None:
+        models = list(models) if isinstance(models, (list, tuple)) else [models]  # type: ignore[list-item]
         if not models or not all(isinstance(m, BaseInfluenceModel) for m in models):
             raise InvalidModelError(
                 f"`models` must be a non-empty list of InfluenceModel. Received: {[type(m).__name__ for m in models]}"
             )
-        rates = (
-            [learning_rates] * len(models) if np.isscalar(learning_rates) else list(learning_rates)
-        )  # type: ignore[arg-type]
+        rates: list[Any] = (
+            [learning_rates] * len(models) if np.isscalar(learning_rates) else list(learning_rates)  # type: ignore[arg-type]
+        )
         if len(rates) != len(models):
             raise InvalidModelError(
                 f"`learning_rates` must hold one rate per checkpoint ({len(models)}). Received {len(rates)}: {rates}"
@@ -52,9 +50,7 @@ class TracIn(BaseInfluenceCalculator):
 
     def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
         """`sqrt(eta_c) g_c(z)`, `(batch, n_params_c)`."""
-        return np.sqrt(self.learning_rates[component]) * example_gradients(
-            self.models[component], batch
-        )
+        return np.sqrt(self.learning_rates[component]) * example_gradients(self.models[component], batch)
 
     def _preprocess(self, batch: Batch, component: int = 0) -> tf.Tensor:
         return self._influence_vector(batch, component)

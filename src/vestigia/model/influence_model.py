@@ -81,9 +81,7 @@ class BaseInfluenceModel:
         weights_processed: bool = False,
     ) -> None:
         if not isinstance(model, keras.Model):
-            raise InvalidModelError(
-                f"`model` must be a Keras 3 model. Received: {type(model).__name__}"
-            )
+            raise InvalidModelError(f"`model` must be a Keras 3 model. Received: {type(model).__name__}")
         if not model.built:
             raise InvalidModelError(
                 "`model` must be built (call it on a batch or give it an Input) before influence "
@@ -93,9 +91,7 @@ class BaseInfluenceModel:
         _check_unreduced(loss_function)
         watched = list(model.trainable_variables if weights_to_watch is None else weights_to_watch)
         if not watched:
-            raise InvalidModelError(
-                f"`weights_to_watch` is empty for model {model.name!r}: nothing to differentiate."
-            )
+            raise InvalidModelError(f"`weights_to_watch` is empty for model {model.name!r}: nothing to differentiate.")
         trainable_ids = {id(v) for v in model.trainable_variables}
         for v in watched:
             if id(v) not in trainable_ids:
@@ -110,15 +106,9 @@ class BaseInfluenceModel:
         self.process_batch_for_loss_fn = process_batch_for_loss_fn
         watched_ids = {id(v) for v in watched}
         self.watched_layers = [
-            layer
-            for layer in model.layers
-            if any(id(v) in watched_ids for v in layer.trainable_variables)
+            layer for layer in model.layers if any(id(v) in watched_ids for v in layer.trainable_variables)
         ]
-        start = (
-            min(model.layers.index(layer) for layer in self.watched_layers)
-            if self.watched_layers
-            else 0
-        )
+        start = min(model.layers.index(layer) for layer in self.watched_layers) if self.watched_layers else 0
         self._trunk_model, head = split_model(model, start, self.watched_layers)
         self.differentiator = HeadDifferentiator(head, [v.value for v in watched], loss_function)
         self._trunk = tf.function(self._run_trunk, reduce_retracing=True)
@@ -150,9 +140,7 @@ class BaseInfluenceModel:
             )
         self._loss_checked = True
 
-    def feature_batches(
-        self, dataset: tf.data.Dataset, name: str = "dataset"
-    ) -> Iterator[FeatureBatch]:
+    def feature_batches(self, dataset: tf.data.Dataset, name: str = "dataset") -> Iterator[FeatureBatch]:
         """Yield the dataset's batches with the trunk applied, in dataset order."""
         for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, name):
             yield self.features_of(batch)
@@ -161,26 +149,20 @@ class BaseInfluenceModel:
         """Apply the trunk to one batch; missing sample weights become ones."""
         features = self._trunk(batch.inputs)
         dtype = self.weights[0].dtype
-        weights = (
-            tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
-        )
+        weights = tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
         feature_batch = FeatureBatch(features, batch.targets, weights, batch.size)
         if not self._loss_checked:
             self._check_loss_output(feature_batch)
         return feature_batch
 
-    def batch_losses_and_gradients(
-        self, batch: FeatureBatch, name: str = "dataset"
-    ) -> tuple[tf.Tensor, tf.Tensor]:
+    def batch_losses_and_gradients(self, batch: FeatureBatch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor]:
         """Weighted losses `(batch,)` and per-example gradients `(batch, n_params)` of one batch.
 
         Raises:
             NonFiniteError: a loss or gradient is NaN or Inf.
         """
         losses, grads = self.differentiator.gradients(batch.features, batch.targets, batch.weights)
-        if not bool(tf.reduce_all(tf.math.is_finite(losses))) or not bool(
-            tf.reduce_all(tf.math.is_finite(grads))
-        ):
+        if not bool(tf.reduce_all(tf.math.is_finite(losses))) or not bool(tf.reduce_all(tf.math.is_finite(grads))):
             raise NonFiniteError(self._diagnose_non_finite(batch, name, losses))
         return losses, grads
 
@@ -204,10 +186,7 @@ class BaseInfluenceModel:
 
     def batch_loss(self, dataset: tf.data.Dataset) -> tf.Tensor:
         """Weighted per-example losses of the whole dataset, shape `(n,)`."""
-        losses = [
-            self.differentiator.losses(b.features, b.targets, b.weights)
-            for b in self.feature_batches(dataset)
-        ]
+        losses = [self.differentiator.losses(b.features, b.targets, b.weights) for b in self.feature_batches(dataset)]
         return tf.concat(losses, axis=0)
 
     def batch_jacobian_tensor(self, batch: Any) -> tf.Tensor:
@@ -241,9 +220,7 @@ def _resolve_layer(model: keras.Model, layer: int | str, name: str) -> int:
             )
         return names.index(layer)
     if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-        raise InvalidModelError(
-            f"`{name}` must be a layer index or name. Received: {name}={layer!r}"
-        )
+        raise InvalidModelError(f"`{name}` must be a layer index or name. Received: {name}={layer!r}")
     if not -len(layers) <= layer < len(layers):
         raise InvalidModelError(
             f"`{name}` is out of range for a model with {len(layers)} layers. Received: {name}={layer}"
@@ -289,13 +266,9 @@ class InfluenceModel(BaseInfluenceModel):
         process_batch_for_loss_fn: ProcessBatchFn = default_process_batch,
     ) -> None:
         if not isinstance(model, keras.Model):
-            raise InvalidModelError(
-                f"`model` must be a Keras 3 model. Received: {type(model).__name__}"
-            )
+            raise InvalidModelError(f"`model` must be a Keras 3 model. Received: {type(model).__name__}")
         start = (
-            _default_start_layer(model)
-            if start_layer is None
-            else _resolve_layer(model, start_layer, "start_layer")
+            _default_start_layer(model) if start_layer is None else _resolve_layer(model, start_layer, "start_layer")
         )
         last = start if last_layer is None else _resolve_layer(model, last_layer, "last_layer")
         if last < start:

@@ -66,14 +66,10 @@ class StreamingTopK:
         """`(values, indices)`, each `(n_rows, k)`, sorted best first (ties: lower index first)."""
         order = np.lexsort((self.indices, self.keys), axis=1)
         keys = np.take_along_axis(self.keys, order, axis=1)
-        return (self.sign * keys).astype(np.float32), np.take_along_axis(
-            self.indices, order, axis=1
-        )
+        return (self.sign * keys).astype(np.float32), np.take_along_axis(self.indices, order, axis=1)
 
 
-def top_k_of_scores(
-    scores: np.ndarray, k: int, order: ORDER = ORDER.DESCENDING
-) -> tuple[np.ndarray, np.ndarray]:
+def top_k_of_scores(scores: np.ndarray, k: int, order: ORDER = ORDER.DESCENDING) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of a full score matrix `(n_rows, n_cols)`, as `StreamingTopK` would give it."""
     stream = StreamingTopK(scores.shape[0], k, order)
     stream.add(scores)
