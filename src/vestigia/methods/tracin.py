@@ -8,6 +8,7 @@ Scoring holds one checkpoint's training gradients (one batch of them) at a time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
