@@ -9,6 +9,7 @@ returns `H^-1 V` row by row, `hvp(V)` returns `H V`. The seed's `compute_ihvp` /
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,9 @@ class InverseHessianVectorProduct(ABC):
         return to_batched_dataset(tf.concat(blocks, axis=0), sizes).map(tf.transpose)
 
 
-def summed_hessian_products(model: BaseInfluenceModel, batches: list[FeatureBatch], vectors: np.ndarray) -> np.ndarray:
+def summed_hessian_products(
+    model: BaseInfluenceModel, batches: Iterable[FeatureBatch], vectors: np.ndarray
+) -> np.ndarray:
     """`sum_i (d^2 l_i / d theta^2) v` over all examples of `batches`, for each row of `vectors`."""
     tensor = tf.constant(vectors, dtype=model.weights[0].dtype)
     total = np.zeros(vectors.shape, dtype=np.float64)
