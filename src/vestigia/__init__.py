@@ -14,8 +14,10 @@ from vestigia.curvature import (
 from vestigia.data import default_process_batch
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.methods import (
+    ArnoldiInfluenceCalculator,
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    SecondOrderInfluenceCalculator,
     SelfInfluenceCalculator,
     TracIn,
 )
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CACHE",
+    "ArnoldiInfluenceCalculator",
     "ORDER",
     "BaseInfluenceCalculator",
     "BaseInfluenceModel",
@@ -39,6 +42,7 @@ __all__ = [
     "InverseHessianVectorProduct",
     "LissaIHVP",
     "NonFiniteError",
+    "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "TopK",
     "TracIn",

@@ -1,5 +1,6 @@
 """Curvature: inverse-Hessian-vector products (exact, conjugate gradient, LiSSA)."""
 
+from vestigia.curvature.arnoldi import ArnoldiIHVP, arnoldi_iteration, distill
 from vestigia.curvature.base import InverseHessianVectorProduct
 from vestigia.curvature.exact import ExactIHVP, mean_hessian
 from vestigia.curvature.iterative import ConjugateGradientDescentIHVP, IterativeIHVP, LissaIHVP
@@ -7,13 +8,16 @@ from vestigia.curvature.registry import IHVPCalculator, get
 from vestigia.curvature.solvers import conjugate_gradient, lissa
 
 __all__ = [
+    "ArnoldiIHVP",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "IHVPCalculator",
     "InverseHessianVectorProduct",
     "IterativeIHVP",
     "LissaIHVP",
+    "arnoldi_iteration",
     "conjugate_gradient",
+    "distill",
     "get",
     "lissa",
     "mean_hessian",
