@@ -17,21 +17,25 @@ from vestigia.methods import (
     ArnoldiInfluenceCalculator,
     BaseInfluenceCalculator,
     FirstOrderInfluenceCalculator,
+    RepresenterPointL2,
+    RepresenterPointLJE,
+    SampleBoundaryCalculator,
     SecondOrderInfluenceCalculator,
     SelfInfluenceCalculator,
     TracIn,
+    WeightsBoundaryCalculator,
 )
 from vestigia.model import BaseInfluenceModel, InfluenceModel
+from vestigia.plots import plot_datacentric_explanations, plot_most_influential_images
 from vestigia.results import CACHE, ORDER, TopK
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CACHE",
     "ArnoldiInfluenceCalculator",
-    "ORDER",
     "BaseInfluenceCalculator",
     "BaseInfluenceModel",
+    "CACHE",
     "ConjugateGradientDescentIHVP",
     "ExactIHVP",
     "FirstOrderInfluenceCalculator",
@@ -42,9 +46,16 @@ __all__ = [
     "InverseHessianVectorProduct",
     "LissaIHVP",
     "NonFiniteError",
+    "ORDER",
+    "RepresenterPointL2",
+    "RepresenterPointLJE",
+    "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "TopK",
     "TracIn",
+    "WeightsBoundaryCalculator",
     "default_process_batch",
+    "plot_datacentric_explanations",
+    "plot_most_influential_images",
 ]

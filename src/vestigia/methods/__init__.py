@@ -2,7 +2,11 @@
 
 from vestigia.methods.arnoldi import ArnoldiInfluenceCalculator
 from vestigia.methods.base import BaseInfluenceCalculator, SelfInfluenceCalculator
+from vestigia.methods.boundary import SampleBoundaryCalculator, WeightsBoundaryCalculator
 from vestigia.methods.first_order import FirstOrderInfluenceCalculator
+from vestigia.methods.representer import RepresenterPointCalculator
+from vestigia.methods.representer_l2 import RepresenterPointL2
+from vestigia.methods.representer_lje import RepresenterPointLJE
 from vestigia.methods.second_order import SecondOrderInfluenceCalculator
 from vestigia.methods.tracin import TracIn
 
@@ -10,7 +14,12 @@ __all__ = [
     "ArnoldiInfluenceCalculator",
     "BaseInfluenceCalculator",
     "FirstOrderInfluenceCalculator",
+    "RepresenterPointCalculator",
+    "RepresenterPointL2",
+    "RepresenterPointLJE",
+    "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
     "TracIn",
+    "WeightsBoundaryCalculator",
 ]
