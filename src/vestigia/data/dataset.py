@@ -94,8 +94,21 @@ def as_batched_dataset(data: Any, name: str = "dataset", batch_size: int = DEFAU
     )
 
 
+def _leading_dim(t: Any) -> int:
+    """Size of the first axis, from the static shape when known (no op, no sync), else `tf.shape`."""
+    shape = getattr(t, "shape", None)
+    if shape is not None and len(shape) > 0 and shape[0] is not None:
+        return int(shape[0])
+    return int(tf.shape(t)[0])
+
+
+def _rank(t: Any) -> int:
+    shape = getattr(t, "shape", None)
+    return len(shape) if shape is not None and getattr(shape, "rank", 0) is not None else int(tf.rank(t))
+
+
 def _batch_size_of(inputs: Any, name: str) -> int:
-    sizes = {int(tf.shape(t)[0]) for t in tf.nest.flatten(inputs)}
+    sizes = {_leading_dim(t) for t in tf.nest.flatten(inputs)}
     if len(sizes) != 1:
         raise InvalidDataError(f"`{name}`: the inputs of one batch have different lengths {sorted(sizes)}.")
     return sizes.pop()
@@ -116,7 +129,7 @@ def iterate_batches(
     for element in dataset:
         inputs, targets, weights = process_batch_fn(element)
         size = _batch_size_of(inputs, name)
-        target_sizes = {int(tf.shape(t)[0]) for t in tf.nest.flatten(targets) if tf.rank(t) > 0}
+        target_sizes = {_leading_dim(t) for t in tf.nest.flatten(targets) if _rank(t) > 0}
         if target_sizes - {size} or not target_sizes:
             raise InvalidDataError(
                 f"`{name}`: a batch has {size} inputs but targets of shape "
@@ -124,7 +137,7 @@ def iterate_batches(
             )
         if weights is not None:
             weights = tf.reshape(tf.convert_to_tensor(weights), [-1])
-            if int(tf.shape(weights)[0]) != size:
+            if _leading_dim(weights) != size:
                 raise InvalidDataError(
                     f"`{name}`: a batch has {size} inputs but sample_weight of shape "
                     f"{tuple(weights.shape)}. Give one weight per example."

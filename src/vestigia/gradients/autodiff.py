@@ -11,8 +11,10 @@ flattened to `n_params` entries:
 * `hvp`: `(sum_i d^2 l_i / d theta^2) V^T` for `V` of shape `(m, n_params)`, returned as
   `(m, n_params)`: reverse-over-reverse, vectorised over the `m` vectors. No per-example
   Hessian is ever formed.
-* `hessian`: `sum_i d^2 l_i / d theta^2`, shape `(n_params, n_params)`, the Jacobian of the
-  batch gradient, computed in chunks of rows.
+* `hessian`: `sum_i d^2 l_i / d theta^2`, float64 `(n_params, n_params)`: for one watched
+  `Dense` layer, exactly `sum_i (a_i a_i^T) (x) d^2 l_i / d z_i^2` (Kronecker form, `z` the
+  pre-activation output); otherwise HVPs with chunks of identity rows. (`GradientTape.jacobian`
+  with `parallel_iterations` returns zeros for this nested gradient in TF 2.21: not used.)
 
 Each function is traced once per instance (`reduce_retracing`), so the last, smaller batch
 does not trigger a retrace per call.
@@ -31,6 +33,45 @@ from vestigia.model.split import DenseTap, Head
 LossFn = Callable[[Any, Any], tf.Tensor]
 
 HESSIAN_ROWS_PER_CHUNK = 64
+
+
+class BatchTraced:
+    """`tf.function` of one instance's method, traced once per input structure and dtype with
+    every leading (batch) dimension unknown, so that no batch size, the last partial batch
+    included, traces again. No AutoGraph, as Keras 3 traces its own train and predict steps
+    (converting our code costs about a second per instance on 2 CPU cores). Arguments must be
+    nests of tensors or arrays; anything else falls back to a `reduce_retracing` function.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+        self._traced: dict[str, Any] = {}
+        self._fallback = tf.function(fn, reduce_retracing=True, autograph=False)
+
+    @staticmethod
+    def _spec(t: Any) -> tf.TensorSpec:
+        shape = tuple(t.shape)
+        return tf.TensorSpec((None,) + shape[1:] if shape else (), tf.as_dtype(t.dtype))
+
+    def __call__(self, *args: Any) -> Any:
+        leaves = tf.nest.flatten(args)
+        if not all(isinstance(t, (tf.Tensor, np.ndarray)) for t in leaves):
+            return self._fallback(*args)
+        specs = tf.nest.map_structure(self._spec, args)
+        key = repr(specs)
+        traced = self._traced.get(key)
+        if traced is None:
+            traced = self._traced[key] = tf.function(self._fn, input_signature=specs, autograph=False)
+        return traced(*args)
+
+    def tracing_count(self) -> int:
+        """How many graphs were traced so far (one per input structure, normally 1)."""
+        return len(self._traced) + int(self._fallback.experimental_get_tracing_count())
+
+
+def trace(fn: Callable[..., Any]) -> BatchTraced:
+    """Trace an instance's method once, for every batch size (see `BatchTraced`)."""
+    return BatchTraced(fn)
 
 
 def _flatten_rows(tensors: list[tf.Tensor], rows: tf.Tensor | int) -> tf.Tensor:
@@ -59,10 +100,11 @@ class HeadDifferentiator:
             if layer.use_bias:
                 factored_ids.add(id(layer.bias.value))
         self._generic = [v for v in variables if id(v) not in factored_ids]
-        self.losses = tf.function(self._losses, reduce_retracing=True)
-        self.gradients = tf.function(self._gradients, reduce_retracing=True)
-        self.hvp = tf.function(self._hvp, reduce_retracing=True)
-        self.hessian = tf.function(self._hessian, reduce_retracing=True)
+        self.losses = trace(self._losses)
+        self.gradients = trace(self._gradients)
+        self.hvp = trace(self._hvp)
+        self._kronecker_layer = self._single_dense_layer()
+        self._dense_hessian = trace(self._kronecker_hessian)
 
     def _weighted_losses(self, features: Any, targets: Any, weights: tf.Tensor, taps: list | None) -> tf.Tensor:
         outputs = self.head(features, taps)
@@ -118,15 +160,49 @@ class HeadDifferentiator:
         )
         return _flatten_rows(products, tf.shape(vectors)[0])
 
-    def _hessian(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+    def hessian(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        """`sum_i d^2 l_i / d theta^2` over the batch, float64 `(n_params, n_params)`.
+
+        One watched `Dense` layer (kernel, then bias if watched) on rank-2 inputs: exactly
+        `sum_i (a_i a_i^T) (x) M_i`, with `a_i` the layer input (a trailing 1 for the bias) and
+        `M_i = d^2 l_i / d z_i^2` `(out, out)` the Hessian w.r.t. the pre-activation output
+        (`z` is affine in the watched weights, so this is the whole Hessian). Otherwise: HVPs
+        with blocks of `HESSIAN_ROWS_PER_CHUNK` rows of the identity.
+        """
+        if self._kronecker_layer is not None:
+            hessian = self._dense_hessian(features, targets, weights)
+            if hessian is not None:
+                return hessian
+        rows = []
+        for start in range(0, self.n_params, HESSIAN_ROWS_PER_CHUNK):
+            basis = tf.one_hot(tf.range(start, min(start + HESSIAN_ROWS_PER_CHUNK, self.n_params)), self.n_params)
+            rows.append(self.hvp(features, targets, weights, tf.cast(basis, self.variables[0].dtype)))
+        return tf.cast(tf.concat(rows, axis=0), tf.float64)
+
+    def _single_dense_layer(self) -> Any:
+        """The tapped `Dense` layer when the watched variables are its kernel, then maybe its bias."""
+        if len(self._factored) != 1 or self._generic:
+            return None
+        layer = next(iter(self._factored.values()))
+        return layer if self.variables[0] is layer.kernel.value else None
+
+    def _kronecker_hessian(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor | None:
+        layer = self._kronecker_layer
+        taps: list[DenseTap] = []
         with tf.GradientTape() as outer:
-            grads = self._batch_gradient(features, targets, weights)
-            flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-        rows = outer.jacobian(
-            flat,
-            self.variables,
-            experimental_use_pfor=True,
-            parallel_iterations=HESSIAN_ROWS_PER_CHUNK,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return _flatten_rows(rows, self.n_params)
+            with tf.GradientTape() as inner:
+                total = tf.reduce_sum(self._weighted_losses(features, targets, weights, taps))
+            mine = [tap for tap in taps if tap.layer is layer]
+            if len(mine) != 1 or mine[0].inputs.shape.rank != 2:
+                return None
+            z = mine[0].preactivation
+            delta = inner.gradient(total, z)
+        curvature = tf.cast(outer.batch_jacobian(delta, z, experimental_use_pfor=True), tf.float64)
+        a = tf.cast(mine[0].inputs, tf.float64)
+        if len(self.variables) == 2:
+            a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+        n_in, n_out = a.shape[1], z.shape[1]
+        outer_a = tf.reshape(a[:, :, None] * a[:, None, :], [-1, n_in * n_in])
+        blocks = tf.matmul(outer_a, tf.reshape(curvature, [-1, n_out * n_out]), transpose_a=True)
+        blocks = tf.transpose(tf.reshape(blocks, [n_in, n_in, n_out, n_out]), [0, 2, 1, 3])
+        return tf.reshape(blocks, [n_in * n_out, n_in * n_out])

@@ -15,6 +15,8 @@ call, test-side vectors computed once, scores by matrix products, streaming top-
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +47,17 @@ def _check_k(k: Any, available: int, what: str) -> int:
     if k > available:
         raise InvalidDataError(f"`k` must be at most the number of {what} ({available}). Received: k={k}")
     return k
+
+
+def _column_blocks(matrix: np.ndarray, sizes: list[int]) -> tf.data.Dataset:
+    """A dataset of `matrix[:, a:b]` for consecutive column blocks of the given widths (no map)."""
+    parts, start = [], 0
+    for width, run in itertools.groupby(sizes):
+        count = len(list(run))
+        chunk = matrix[:, start : start + width * count].reshape(matrix.shape[0], count, width)
+        parts.append(tf.data.Dataset.from_tensor_slices(np.ascontiguousarray(chunk.transpose(1, 0, 2))))
+        start += width * count
+    return functools.reduce(lambda a, b: a.concatenate(b), parts)
 
 
 class SelfInfluenceCalculator(ABC):
@@ -140,6 +153,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     def score_blocks(self, dataset_to_evaluate: Any, train_set: Any) -> Iterator[np.ndarray]:
         """Yield score blocks `(n_test, train_batch)`, one per training batch, in order."""
         test_sides, _ = self._test_sides(dataset_to_evaluate)
+        yield from self._blocks_against(test_sides, train_set)
+
+    def _blocks_against(self, test_sides: list[tf.Tensor], train_set: Any) -> Iterator[np.ndarray]:
         for batch in self._batches(train_set, "train_set"):
             block = None
             for c, test_side in enumerate(test_sides):
@@ -166,15 +182,21 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         Returns:
             `(values, indices)`, each `(n_test, k)`, best first; memory `O(n_test * k)`.
         """
+        values, indices, _ = self._top_k_with_sizes(dataset_to_evaluate, train_set, k, order, device)
+        return values, indices
+
+    def _top_k_with_sizes(
+        self, dataset_to_evaluate: Any, train_set: Any, k: int, order: ORDER, device: str | None
+    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """`top_k_indices`, and the test batch sizes (one pass over each dataset)."""
         check_positive_int("k", k)
         with _device(device):
-            stream: StreamingTopK | None = None
-            for block in self.score_blocks(dataset_to_evaluate, train_set):
-                stream = stream or StreamingTopK(block.shape[0], k, order)
+            test_sides, test_sizes = self._test_sides(dataset_to_evaluate)
+            stream = StreamingTopK(sum(test_sizes), k, order)
+            for block in self._blocks_against(test_sides, train_set):
                 stream.add(block)
-        assert stream is not None
         _check_k(k, stream.seen, "training examples")
-        return stream.result()
+        return (*stream.result(), test_sizes)
 
     # -- the seed's API ------------------------------------------------------------------------
 
@@ -254,15 +276,16 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 self.compute_influence_vector(train_set, save_influence_vector_path)
             if load_influence_vector_path is not None:
                 values = self._scores_against_saved_vectors(test_set, load_influence_vector_path)
+                train_sizes = [b.size for b in self._batches(train_set, "train_set")]
+                test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
             else:
-                values = self.influence_matrix(test_set, train_set)
-        train_sizes = [b.size for b in self._batches(train_set, "train_set")]
-        test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
+                test_sides, test_sizes = self._test_sides(test_set)
+                blocks = list(self._blocks_against(test_sides, train_set))
+                values, train_sizes = np.concatenate(blocks, axis=1), [b.shape[1] for b in blocks]
         offsets = np.concatenate([[0], np.cumsum(test_sizes)])
         outer = None
         for i, (test_batch, start, stop) in enumerate(zip(test_set, offsets[:-1], offsets[1:])):
-            block = values[start:stop].T
-            inner = tf.data.Dataset.zip((train_set, to_batched_dataset(block, train_sizes).map(tf.transpose)))
+            inner = tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes)))
             if save_influence_value_path is not None:
                 inner.save(f"{save_influence_value_path}/batch_{i:06d}")
             element = tf.data.Dataset.from_tensors((test_batch, inner))
@@ -301,12 +324,15 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         train_set = as_batched_dataset(train_set, "train_set")
         if save_influence_vector_ds_path is not None:
             self.compute_influence_vector(train_set, save_influence_vector_ds_path)
-        values, indices = self.top_k_indices(test_set, train_set, k, order, device)
+        values, indices, test_sizes = self._top_k_with_sizes(test_set, train_set, k, order, device)
         samples = select_samples(train_set, indices, self.process_batch_for_loss_fn)
-        test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
         result = tf.data.Dataset.zip(
-            (test_set, to_batched_dataset((tf.cast(values, d_type), samples), test_sizes))
-        ).map(lambda batch, found: (batch, found[0], found[1]))
+            (
+                test_set,
+                to_batched_dataset(tf.cast(values, d_type), test_sizes),
+                to_batched_dataset(samples, test_sizes),
+            )
+        )
         if save_top_k_ds_path is not None:
             result.save(save_top_k_ds_path)
         return result

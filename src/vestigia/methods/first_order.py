@@ -55,7 +55,7 @@ def build_ihvp(
 
 def example_gradients(model: BaseInfluenceModel, batch: Batch) -> tf.Tensor:
     """Per-example gradients `(batch, n_params)` of a raw batch."""
-    return model.batch_losses_and_gradients(model.features_of(batch))[1]
+    return model.example_gradients(batch)[1]
 
 
 def summed_gradient(model: BaseInfluenceModel, group: Any, name: str) -> tuple[tf.Tensor, int]:

@@ -21,7 +21,7 @@ from vestigia.data.dataset import (
     iterate_batches,
 )
 from vestigia.errors import InvalidModelError, NonFiniteError, check_finite
-from vestigia.gradients.autodiff import HeadDifferentiator, LossFn
+from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
 from vestigia.model.split import split_model
 
 _UNREDUCED = (None, "none")
@@ -39,6 +39,16 @@ class FeatureBatch(NamedTuple):
 def default_loss() -> keras.losses.Loss:
     """The seed's default: categorical cross-entropy on probabilities, unreduced."""
     return keras.losses.CategoricalCrossentropy(from_logits=False, reduction=None)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise InvalidModelError(f"`model` must be a Keras 3 model. Received: {type(model).__name__}")
+    if not model.built:
+        raise InvalidModelError(
+            "`model` must be built (call it on a batch or give it an Input) before influence "
+            f"can be computed. Received an unbuilt model {model.name!r}."
+        )
 
 
 def _check_unreduced(loss_function: Any) -> None:
@@ -80,13 +90,7 @@ class BaseInfluenceModel:
         process_batch_for_loss_fn: ProcessBatchFn = default_process_batch,
         weights_processed: bool = False,
     ) -> None:
-        if not isinstance(model, keras.Model):
-            raise InvalidModelError(f"`model` must be a Keras 3 model. Received: {type(model).__name__}")
-        if not model.built:
-            raise InvalidModelError(
-                "`model` must be built (call it on a batch or give it an Input) before influence "
-                f"can be computed. Received an unbuilt model {model.name!r}."
-            )
+        _check_model(model)
         loss_function = default_loss() if loss_function is None else loss_function
         _check_unreduced(loss_function)
         watched = list(model.trainable_variables if weights_to_watch is None else weights_to_watch)
@@ -111,7 +115,8 @@ class BaseInfluenceModel:
         start = min(model.layers.index(layer) for layer in self.watched_layers) if self.watched_layers else 0
         self._trunk_model, head = split_model(model, start, self.watched_layers)
         self.differentiator = HeadDifferentiator(head, [v.value for v in watched], loss_function)
-        self._trunk = tf.function(self._run_trunk, reduce_retracing=True)
+        self._trunk = trace(self._run_trunk)
+        self._trunk_and_gradients = trace(self._run_trunk_and_gradients)
         self._loss_checked = False
 
     @property
@@ -131,8 +136,9 @@ class BaseInfluenceModel:
             return inputs
         return self._trunk_model(inputs, training=False)
 
-    def _check_loss_output(self, batch: FeatureBatch) -> None:
-        losses = self.loss_function(batch.targets, self.differentiator.head(batch.features))
+    def _check_loss_output(self, batch: FeatureBatch | Batch) -> None:
+        outputs = self.differentiator.head(batch.features) if isinstance(batch, FeatureBatch) else self(batch.inputs)
+        losses = self.loss_function(batch.targets, outputs)
         if losses.shape.rank != 1 or int(losses.shape[0]) != batch.size:
             raise InvalidModelError(
                 "`loss_function` must return one loss per example, shape (batch,). Received "
@@ -165,6 +171,30 @@ class BaseInfluenceModel:
         if not bool(tf.reduce_all(tf.math.is_finite(losses))) or not bool(tf.reduce_all(tf.math.is_finite(grads))):
             raise NonFiniteError(self._diagnose_non_finite(batch, name, losses))
         return losses, grads
+
+    def example_gradients(self, batch: Batch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor]:
+        """`batch_losses_and_gradients(features_of(batch))` of a raw batch, in one traced call
+        (trunk, head gradients and finiteness check fused: one call and one sync per batch).
+
+        Raises:
+            NonFiniteError: a loss or gradient is NaN or Inf.
+        """
+        if not self._loss_checked:
+            self._check_loss_output(batch)
+        args = (batch.inputs, batch.targets) if batch.weights is None else (batch.inputs, batch.targets, batch.weights)
+        losses, grads, finite = self._trunk_and_gradients(*args)
+        if not bool(finite):
+            raise NonFiniteError(self._diagnose_non_finite(self.features_of(batch), name, losses))
+        return losses, grads
+
+    def _run_trunk_and_gradients(self, inputs: Any, targets: Any, weights: Any = None) -> tuple[Any, Any, Any]:
+        features = self._run_trunk(inputs)
+        dtype = self.weights[0].dtype
+        if weights is None:
+            weights = tf.ones(tf.shape(tf.nest.flatten(inputs)[0])[:1], dtype)
+        losses, grads = self.differentiator._gradients(features, targets, tf.cast(weights, dtype))
+        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(losses)), tf.reduce_all(tf.math.is_finite(grads)))
+        return losses, grads, finite
 
     def _diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor) -> str:
         parts = {
@@ -265,8 +295,7 @@ class InfluenceModel(BaseInfluenceModel):
         loss_function: LossFn | None = None,
         process_batch_for_loss_fn: ProcessBatchFn = default_process_batch,
     ) -> None:
-        if not isinstance(model, keras.Model):
-            raise InvalidModelError(f"`model` must be a Keras 3 model. Received: {type(model).__name__}")
+        _check_model(model)
         start = (
             _default_start_layer(model) if start_layer is None else _resolve_layer(model, start_layer, "start_layer")
         )

@@ -57,7 +57,8 @@ class StreamingTopK:
         )
         self.seen += block
         if keys.shape[1] > self.k:
-            part = np.argpartition(keys, self.k - 1, axis=1)[:, : self.k]
+            # Sort by (key, index) so that ties at the k-th place keep the lower training index.
+            part = np.lexsort((indices, keys), axis=1)[:, : self.k]
             keys = np.take_along_axis(keys, part, axis=1)
             indices = np.take_along_axis(indices, part, axis=1)
         self.keys, self.indices = keys, indices
