@@ -40,7 +40,8 @@ class BatchTraced:
     every leading (batch) dimension unknown, so that no batch size, the last partial batch
     included, traces again. No AutoGraph, as Keras 3 traces its own train and predict steps
     (converting our code costs about a second per instance on 2 CPU cores). Arguments must be
-    nests of tensors or arrays; anything else falls back to a `reduce_retracing` function.
+    nests of tensors or arrays; anything else, or code that cannot be traced without a static
+    batch size, falls back to a `reduce_retracing` function.
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -61,12 +62,18 @@ class BatchTraced:
         key = repr(specs)
         traced = self._traced.get(key)
         if traced is None:
-            traced = self._traced[key] = tf.function(self._fn, input_signature=specs, autograph=False)
+            traced = tf.function(self._fn, input_signature=specs, autograph=False)
+            try:
+                traced.get_concrete_function()
+            except (ValueError, TypeError):  # e.g. code that needs a static batch size
+                traced = self._fallback
+            self._traced[key] = traced
         return traced(*args)
 
     def tracing_count(self) -> int:
         """How many graphs were traced so far (one per input structure, normally 1)."""
-        return len(self._traced) + int(self._fallback.experimental_get_tracing_count())
+        relaxed = sum(1 for traced in self._traced.values() if traced is not self._fallback)
+        return relaxed + int(self._fallback.experimental_get_tracing_count())
 
 
 def trace(fn: Callable[..., Any]) -> BatchTraced:
@@ -105,6 +112,11 @@ class HeadDifferentiator:
         self.hvp = trace(self._hvp)
         self._kronecker_layer = self._single_dense_layer()
         self._dense_hessian = trace(self._kronecker_hessian)
+        watched_ids = {id(v) for v in variables}
+        self.factor_widths = [
+            (int(layer.kernel.shape[0]) + int(layer.use_bias and id(layer.bias.value) in watched_ids), int(layer.units))
+            for layer in self._factored.values()
+        ]
 
     def _weighted_losses(self, features: Any, targets: Any, weights: tf.Tensor, taps: list | None) -> tf.Tensor:
         outputs = self.head(features, taps)
@@ -137,6 +149,36 @@ class HeadDifferentiator:
             del tape
         grads = [per_variable[id(v)] for v in self.variables]
         return losses, _flatten_rows(grads, batch)
+
+    def factors(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor] | None:
+        """Per-example gradients in factored form, or None if the head does not allow it.
+
+        Allowed when every watched variable is the kernel (or bias) of a `Dense` layer applied
+        once to rank-2 inputs. Then `g_i` is, per layer, `a_i (x) d_i`: `a_i` the layer input
+        (with a trailing 1 if the bias is watched) and `d_i` the gradient w.r.t. its
+        pre-activation output. Untraced: call it inside a traced function.
+
+        Returns:
+            `(losses (batch,), packed (batch, sum_L in_L + out_L))`, `[a_1, d_1, a_2, d_2, ...]`
+            with the widths of `factor_widths`; see `vestigia.gradients.factored`.
+        """
+        if self._generic or not self._factored:
+            return None
+        taps: list[DenseTap] = []
+        with tf.GradientTape() as tape:
+            losses = self._weighted_losses(features, targets, weights, taps)
+            total = tf.reduce_sum(losses)
+        used = [tap for tap in taps if id(tap.layer) in self._factored]
+        if [id(tap.layer) for tap in used] != list(self._factored) or any(tap.inputs.shape.rank != 2 for tap in used):
+            return None
+        deltas = tape.gradient(total, [tap.preactivation for tap in used])
+        parts = []
+        for tap, delta, (width, _) in zip(used, deltas, self.factor_widths):
+            a = tap.inputs
+            if width > a.shape[1]:
+                a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+            parts += [a, delta]
+        return losses, tf.concat(parts, axis=1)
 
     def _split(self, vectors: tf.Tensor) -> list[tf.Tensor]:
         parts = tf.split(vectors, self.sizes, axis=1)

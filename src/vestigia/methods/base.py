@@ -132,6 +132,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     def _score_test_side(self, batch: Batch, component: int) -> tf.Tensor:
         return self._preprocess(batch, component)
 
+    def _pair(self, test_side: tf.Tensor, train_side: tf.Tensor, component: int) -> tf.Tensor:
+        """Scores `(n_test, batch)` of the scoring pairing; `test_side @ train_side^T` by default."""
+        return tf.matmul(test_side, train_side, transpose_b=True)
+
     def _self_influence(self, batch: Batch) -> np.ndarray:
         total = 0.0
         for c in range(self.n_components):
@@ -159,7 +163,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         for batch in self._batches(train_set, "train_set"):
             block = None
             for c, test_side in enumerate(test_sides):
-                scores = tf.matmul(test_side, self._score_train_side(batch, c), transpose_b=True)
+                scores = self._pair(test_side, self._score_train_side(batch, c), c)
                 block = scores if block is None else block + scores
             yield np.asarray(block)
 

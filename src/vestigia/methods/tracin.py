@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from vestigia.data.dataset import Batch
 from vestigia.errors import InvalidModelError, check_non_negative
+from vestigia.gradients.factored import factored_inner_products, factored_squared_norms
 from vestigia.methods.base import BaseInfluenceCalculator
 from vestigia.methods.first_order import example_gradients
 from vestigia.model.influence_model import BaseInfluenceModel
@@ -48,6 +49,8 @@ class TracIn(BaseInfluenceCalculator):
         self.learning_rates = [check_non_negative("learning_rates", r) for r in rates]
         self.n_components = len(models)
         self.process_batch_for_loss_fn = models[0].process_batch_for_loss_fn
+        # Score with factored Dense gradients (<g_i, g_j> = <a_i, a_j><d_i, d_j>) where smaller.
+        self._factored = [0 < sum(i + o for i, o in m.differentiator.factor_widths) < m.nb_params for m in self.models]
 
     def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
         """`sqrt(eta_c) g_c(z)`, `(batch, n_params_c)`."""
@@ -56,8 +59,32 @@ class TracIn(BaseInfluenceCalculator):
     def _preprocess(self, batch: Batch, component: int = 0) -> tf.Tensor:
         return self._influence_vector(batch, component)
 
+    def _score_train_side(self, batch: Batch, component: int) -> tf.Tensor:
+        """Packed factors of `g_c(z)` (see `vestigia.gradients.factored`) if used, else `sqrt(eta_c) g_c(z)`."""
+        if self._factored[component]:
+            result = self.models[component].example_factors(batch)
+            if result is not None:
+                return result[1]
+            self._factored[component] = False
+        return self._influence_vector(batch, component)
+
+    def _score_test_side(self, batch: Batch, component: int) -> tf.Tensor:
+        return self._score_train_side(batch, component)
+
+    def _pair(self, test_side: tf.Tensor, train_side: tf.Tensor, component: int) -> tf.Tensor:
+        if not self._factored[component]:
+            return super()._pair(test_side, train_side, component)
+        widths = self.models[component].differentiator.factor_widths
+        return self.learning_rates[component] * factored_inner_products(test_side, train_side, widths)
+
     def _self_influence(self, batch: Batch) -> np.ndarray:
         total = np.zeros(batch.size)
         for c in range(self.n_components):
-            total += tf.reduce_sum(tf.square(self._influence_vector(batch, c)), axis=1).numpy()
+            side = self._score_train_side(batch, c)
+            if self._factored[c]:
+                widths = self.models[c].differentiator.factor_widths
+                norms = self.learning_rates[c] * factored_squared_norms(side, widths)
+            else:
+                norms = tf.reduce_sum(tf.square(side), axis=1)
+            total += norms.numpy()
         return total

@@ -7,6 +7,7 @@ object for per-example losses, gradients `(n, n_params)` and Hessian-vector prod
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -116,7 +117,9 @@ class BaseInfluenceModel:
         self._trunk_model, head = split_model(model, start, self.watched_layers)
         self.differentiator = HeadDifferentiator(head, [v.value for v in watched], loss_function)
         self._trunk = trace(self._run_trunk)
-        self._trunk_and_gradients = trace(self._run_trunk_and_gradients)
+        self._trunk_and_gradients = trace(functools.partial(self._run_trunk_and, self.differentiator._gradients))
+        self._trunk_and_factors = trace(functools.partial(self._run_trunk_and, self.differentiator.factors))
+        self._factorable: bool | None = None
         self._loss_checked = False
 
     @property
@@ -179,22 +182,48 @@ class BaseInfluenceModel:
         Raises:
             NonFiniteError: a loss or gradient is NaN or Inf.
         """
+        result = self._checked_call(self._trunk_and_gradients, batch, name)
+        assert result is not None
+        return result
+
+    def example_factors(self, batch: Batch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor] | None:
+        """Per-example gradients of a raw batch in factored form, `(losses, packed factors)`, or
+        None if the watched weights do not allow it (see `HeadDifferentiator.factors`); the
+        widths are `differentiator.factor_widths`.
+
+        Raises:
+            NonFiniteError: a loss or factor is NaN or Inf.
+        """
+        if self._factorable is False:
+            return None
+        result = self._checked_call(self._trunk_and_factors, batch, name)
+        self._factorable = result is not None
+        return result
+
+    def _checked_call(self, fn: Any, batch: Batch, name: str) -> tuple[tf.Tensor, tf.Tensor] | None:
         if not self._loss_checked:
             self._check_loss_output(batch)
         args = (batch.inputs, batch.targets) if batch.weights is None else (batch.inputs, batch.targets, batch.weights)
-        losses, grads, finite = self._trunk_and_gradients(*args)
+        result = fn(*args)
+        if result is None:
+            return None
+        losses, values, finite = result
         if not bool(finite):
             raise NonFiniteError(self._diagnose_non_finite(self.features_of(batch), name, losses))
-        return losses, grads
+        return losses, values
 
-    def _run_trunk_and_gradients(self, inputs: Any, targets: Any, weights: Any = None) -> tuple[Any, Any, Any]:
+    def _run_trunk_and(self, head_fn: Any, inputs: Any, targets: Any, weights: Any = None) -> Any:
+        """`head_fn(trunk(inputs), targets, weights) -> (losses, values)` and a finiteness flag."""
         features = self._run_trunk(inputs)
         dtype = self.weights[0].dtype
         if weights is None:
             weights = tf.ones(tf.shape(tf.nest.flatten(inputs)[0])[:1], dtype)
-        losses, grads = self.differentiator._gradients(features, targets, tf.cast(weights, dtype))
-        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(losses)), tf.reduce_all(tf.math.is_finite(grads)))
-        return losses, grads, finite
+        result = head_fn(features, targets, tf.cast(weights, dtype))
+        if result is None:
+            return None
+        losses, values = result
+        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(losses)), tf.reduce_all(tf.math.is_finite(values)))
+        return losses, values, finite
 
     def _diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor) -> str:
         parts = {
@@ -236,8 +265,8 @@ class BaseInfluenceModel:
         return tf.stack([tf.reduce_sum(g, axis=0) for g in self._gradient_rows(dataset)])
 
     def _gradient_rows(self, dataset: tf.data.Dataset) -> Iterator[tf.Tensor]:
-        for batch in self.feature_batches(dataset):
-            yield self.batch_losses_and_gradients(batch)[1]
+        for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, "dataset"):
+            yield self.example_gradients(batch)[1]
 
 
 def _resolve_layer(model: keras.Model, layer: int | str, name: str) -> int:

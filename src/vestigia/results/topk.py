@@ -48,13 +48,17 @@ class StreamingTopK:
 
     def add(self, scores: np.ndarray) -> None:
         """Merge a block `(n_rows, block)` whose columns are the next training indices."""
-        scores = np.asarray(scores, dtype=np.float64)
+        scores = np.asarray(scores)
+        if scores.dtype not in (np.float32, np.float64):
+            scores = scores.astype(np.float64)
         block = scores.shape[1]
-        keys = np.concatenate([self.keys, self.sign * scores], axis=1)
-        indices = np.concatenate(
-            [self.indices, np.broadcast_to(np.arange(self.seen, self.seen + block), scores.shape)],
-            axis=1,
-        )
+        block_keys = self.sign * scores  # float32 blocks stay float32 (exact); selected keys become float64
+        columns = np.broadcast_to(np.arange(block), scores.shape)
+        if block > self.k:
+            columns = self._best_columns(block_keys)
+            block_keys = np.take_along_axis(block_keys, columns, axis=1)
+        keys = np.concatenate([self.keys, block_keys.astype(np.float64)], axis=1)
+        indices = np.concatenate([self.indices, self.seen + columns], axis=1)
         self.seen += block
         if keys.shape[1] > self.k:
             # Sort by (key, index) so that ties at the k-th place keep the lower training index.
@@ -62,6 +66,23 @@ class StreamingTopK:
             keys = np.take_along_axis(keys, part, axis=1)
             indices = np.take_along_axis(indices, part, axis=1)
         self.keys, self.indices = keys, indices
+
+    def _best_columns(self, keys: np.ndarray) -> np.ndarray:
+        """Columns `(n_rows, k)` of the `k` smallest keys of each row, ties to the lower column.
+
+        Linear in the block: the k-th key by partition, then every key below it and the first
+        columns equal to it (a stable sort of a boolean mask), instead of sorting the block.
+        """
+        kth = np.partition(keys, self.k - 1, axis=1)[:, self.k - 1 : self.k]
+        below = keys < kth
+        tied = keys == kth
+        room = self.k - below.sum(axis=1, keepdims=True)
+        if np.any(tied.sum(axis=1, keepdims=True) > room):
+            tied &= np.cumsum(tied, axis=1) <= room
+        take = below | tied
+        if take.sum() == take.shape[0] * self.k:
+            return np.nonzero(take)[1].reshape(take.shape[0], self.k)
+        return np.argsort(~take, axis=1, kind="stable")[:, : self.k]  # NaN keys: fewer than k taken
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """`(values, indices)`, each `(n_rows, k)`, sorted best first (ties: lower index first)."""
