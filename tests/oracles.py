@@ -13,6 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from scipy.special import logsumexp
 
 
 def assert_close(actual: Any, expected: Any, rtol: float) -> float:
@@ -119,3 +120,16 @@ def autodiff_mean_hessian(
     blocks = outer.jacobian(flat, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     rows = np.concatenate([np.reshape(b.numpy(), (flat.shape[0], -1)) for b in blocks], axis=1)
     return rows.astype(np.float64) / len(targets)
+
+
+def features_of(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """float64 `tanh(x W + b)` of a model whose first layer is a tanh `Dense` (the representer tests' trunk)."""
+    kernel, bias = (w.astype(np.float64) for w in model.layers[0].get_weights())
+    return np.tanh(x.astype(np.float64) @ kernel + bias)
+
+
+def probs(z: np.ndarray) -> np.ndarray:
+    """Sigmoid of a single logit column, softmax of several."""
+    if z.shape[1] == 1:
+        return 1.0 / (1.0 + np.exp(-z))
+    return np.exp(z - logsumexp(z, axis=1, keepdims=True))

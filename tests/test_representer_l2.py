@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import batched, logits_loss, make_classification
+from oracles import features_of, probs
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
@@ -37,17 +38,6 @@ def make_model(classes: int = CLASSES, seed: int = 0, head_bias: bool = False) -
             keras.layers.Dense(classes, use_bias=head_bias, kernel_initializer=keras.initializers.RandomNormal(0, 1)),
         ]
     )
-
-
-def features_of(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    kernel, bias = (w.astype(np.float64) for w in model.layers[0].get_weights())
-    return np.tanh(x.astype(np.float64) @ kernel + bias)
-
-
-def probs(z: np.ndarray) -> np.ndarray:
-    if z.shape[1] == 1:
-        return 1.0 / (1.0 + np.exp(-z))
-    return np.exp(z - logsumexp(z, axis=1, keepdims=True))
 
 
 def oracle_surrogate(
