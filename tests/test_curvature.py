@@ -17,7 +17,7 @@ import tensorflow as tf
 from conftest import batched, logits_loss, make_classification, make_mlp
 from oracles import assert_close, softmax_head_gradients, softmax_head_hessian
 
-from vestigia import InfluenceModel
+from vestigia import BaseInfluenceModel, InfluenceModel
 from vestigia.curvature import (
     ConjugateGradientDescentIHVP,
     ExactIHVP,
@@ -29,6 +29,7 @@ from vestigia.curvature import (
     lissa,
     mean_hessian,
 )
+from vestigia.curvature.base import kronecker_hessian_products
 from vestigia.errors import InvalidDataError
 
 HESS_RTOL = 1e-5  # float32 Hessian entries vs the float64 closed form
@@ -272,3 +273,30 @@ def test_bad_arguments_raise(problem: dict) -> None:
         ConjugateGradientDescentIHVP(im)
     with pytest.raises(TypeError, match="influence_model"):
         ExactIHVP("model", ds)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("watch_bias", [True, False])
+def test_kronecker_hessian_products_equal_autodiff_hvps_and_the_closed_form(watch_bias: bool) -> None:
+    """One watched Dense layer: the cached Kronecker factors give the same `H V` as the
+    second-order autodiff HVP and as the closed-form softmax cross-entropy Hessian."""
+    x, y = make_classification(n=40, d=5, classes=3)
+    model = make_mlp()
+    watched = model.layers[-1].trainable_variables if watch_bias else [model.layers[-1].kernel]
+    influence_model = BaseInfluenceModel(model, watched, logits_loss())
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(4, influence_model.nb_params))
+    factors, autodiff = [], 0.0
+    for batch in influence_model.feature_batches(batched(x, y, 16)):
+        pair = influence_model.differentiator.dense_curvature(batch.features, batch.targets, batch.weights)
+        assert pair is not None
+        factors.append((tf.cast(pair[0], tf.float32), tf.cast(pair[1], tf.float32)))
+        products = influence_model.differentiator.hvp(
+            batch.features, batch.targets, batch.weights, tf.constant(vectors, tf.float32)
+        )
+        autodiff = autodiff + products.numpy()
+    kron = kronecker_hessian_products(factors, vectors)
+    assert_close(kron, autodiff, HESS_RTOL)
+    if watch_bias:
+        hidden = np.tanh(x @ model.layers[0].kernel.numpy() + model.layers[0].bias.numpy())
+        closed = softmax_head_hessian(hidden, model.layers[-1].kernel.numpy(), model.layers[-1].bias.numpy())
+        assert_close(kron / len(x), vectors @ closed, HESS_RTOL)

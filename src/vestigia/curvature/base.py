@@ -9,7 +9,7 @@ returns `H^-1 V` row by row, `hvp(V)` returns `H V`. The seed's `compute_ihvp` /
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -91,10 +91,34 @@ class InverseHessianVectorProduct(ABC):
         return to_batched_dataset(tf.concat(blocks, axis=0), sizes).map(tf.transpose)
 
 
+def kronecker_hessian_products(factors: Sequence[tuple[tf.Tensor, tf.Tensor]], vectors: np.ndarray) -> np.ndarray:
+    """`sum_i ((a_i a_i^T) (x) M_i) v` over the batches' factors, for each row `v` of `vectors`.
+
+    With `V` the row reshaped to `(in, out)` (the kernel's row-major order, bias last), each
+    example contributes `a_i (M_i V^T a_i)^T`: three contractions in float32 (the precision of
+    the autodiff HVP), no `(n_params, n_params)` matrix. Returns float64 `(m, in * out)`.
+    """
+    n_in, n_out = int(factors[0][0].shape[1]), int(factors[0][1].shape[1])
+    shaped = tf.constant(vectors.reshape(vectors.shape[0], n_in, n_out), tf.float32)
+    total = tf.zeros(shaped.shape, tf.float32)
+    for a, curvature in factors:
+        projected = tf.einsum("bi,mio->bom", a, shaped)  # a_i^T V, (batch, out, m)
+        total += tf.einsum("bi,bom->mio", a, tf.matmul(curvature, projected))
+    return total.numpy().astype(np.float64).reshape(vectors.shape)
+
+
 def summed_hessian_products(
-    model: BaseInfluenceModel, batches: Iterable[FeatureBatch], vectors: np.ndarray
+    model: BaseInfluenceModel,
+    batches: Iterable[FeatureBatch],
+    vectors: np.ndarray,
+    factors: Sequence[tuple[tf.Tensor, tf.Tensor]] | None = None,
 ) -> np.ndarray:
-    """`sum_i (d^2 l_i / d theta^2) v` over all examples of `batches`, for each row of `vectors`."""
+    """`sum_i (d^2 l_i / d theta^2) v` over all examples of `batches`, for each row of `vectors`.
+
+    `factors`, one `dense_curvature` pair per batch, replace the autodiff HVPs when given.
+    """
+    if factors is not None:
+        return kronecker_hessian_products(factors, vectors)
     tensor = tf.constant(vectors, dtype=model.weights[0].dtype)
     total = np.zeros(vectors.shape, dtype=np.float64)
     for batch in batches:

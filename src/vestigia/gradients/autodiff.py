@@ -112,6 +112,7 @@ class HeadDifferentiator:
         self.hvp = trace(self._hvp)
         self._kronecker_layer = self._single_dense_layer()
         self._dense_hessian = trace(self._kronecker_hessian)
+        self._dense_factors = trace(self._curvature_factors)
         watched_ids = {id(v) for v in variables}
         self.factor_widths = [
             (int(layer.kernel.shape[0]) + int(layer.use_bias and id(layer.bias.value) in watched_ids), int(layer.units))
@@ -228,7 +229,19 @@ class HeadDifferentiator:
         layer = next(iter(self._factored.values()))
         return layer if self.variables[0] is layer.kernel.value else None
 
-    def _kronecker_hessian(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor | None:
+    def dense_curvature(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor] | None:
+        """Kronecker factors of the batch Hessian when one `Dense` layer is watched, else None.
+
+        Returns:
+            `(a, M)`: `a` the layer inputs `(batch, in)` (with a trailing 1 when the bias is
+            watched) and `M` the Hessians w.r.t. the pre-activation outputs `(batch, out, out)`,
+            both float64, such that `sum_i d^2 l_i / d theta^2 = sum_i (a_i a_i^T) (x) M_i`.
+        """
+        if self._kronecker_layer is None:
+            return None
+        return self._dense_factors(features, targets, weights)
+
+    def _curvature_factors(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor] | None:
         layer = self._kronecker_layer
         taps: list[DenseTap] = []
         with tf.GradientTape() as outer:
@@ -243,7 +256,14 @@ class HeadDifferentiator:
         a = tf.cast(mine[0].inputs, tf.float64)
         if len(self.variables) == 2:
             a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
-        n_in, n_out = a.shape[1], z.shape[1]
+        return a, curvature
+
+    def _kronecker_hessian(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor | None:
+        factors = self._curvature_factors(features, targets, weights)
+        if factors is None:
+            return None
+        a, curvature = factors
+        n_in, n_out = a.shape[1], curvature.shape[1]
         outer_a = tf.reshape(a[:, :, None] * a[:, None, :], [-1, n_in * n_in])
         blocks = tf.matmul(outer_a, tf.reshape(curvature, [-1, n_out * n_out]), transpose_a=True)
         blocks = tf.transpose(tf.reshape(blocks, [n_in, n_in, n_out, n_out]), [0, 2, 1, 3])
