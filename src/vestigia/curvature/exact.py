@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from vestigia.curvature.base import InverseHessianVectorProduct
-from vestigia.errors import InvalidDataError, check_finite
+from vestigia.errors import InvalidDataError, NonFiniteError, check_finite
 from vestigia.model.influence_model import BaseInfluenceModel
 
 
@@ -21,7 +21,11 @@ def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str 
     total = np.zeros((model.nb_params, model.nb_params), dtype=np.float64)
     count = 0
     for batch in model.feature_batches(dataset, name):
-        total += model.differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
+        contribution = model.differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
+        if not np.isfinite(contribution).all():
+            losses = model.differentiator.losses(batch.features, batch.targets, batch.weights)
+            raise NonFiniteError(model.diagnose_non_finite(batch, name, losses))
+        total += contribution
         count += batch.size
     hessian = (total + total.T) / (2.0 * count)
     check_finite("the training Hessian", hessian)

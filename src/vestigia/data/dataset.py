@@ -23,12 +23,14 @@ DEFAULT_BATCH_SIZE = 128
 
 
 class Batch(NamedTuple):
-    """One batch: model inputs (tensor, tuple or dict), targets, per-example weights or None."""
+    """One batch: model inputs (tensor, tuple or dict), targets, per-example weights or None, its size,
+    and the name of the argument it came from (for error messages)."""
 
     inputs: Any
     targets: Any
     weights: tf.Tensor | None
     size: int
+    source: str = "dataset"
 
 
 def default_process_batch(batch: Any) -> tuple[Any, Any, Any]:
@@ -145,7 +147,7 @@ def iterate_batches(
         if size == 0:
             continue
         empty = False
-        yield Batch(inputs, targets, weights, size)
+        yield Batch(inputs, targets, weights, size, name)
     if empty:
         raise InvalidDataError(f"`{name}` is empty: iterating it yielded no examples.")
 

@@ -21,7 +21,7 @@ from vestigia.data.dataset import (
     default_process_batch,
     iterate_batches,
 )
-from vestigia.errors import InvalidModelError, NonFiniteError, check_finite
+from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError, check_finite
 from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
 from vestigia.model.split import split_model
 
@@ -152,10 +152,40 @@ class BaseInfluenceModel:
     def feature_batches(self, dataset: tf.data.Dataset, name: str = "dataset") -> Iterator[FeatureBatch]:
         """Yield the dataset's batches with the trunk applied, in dataset order."""
         for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, name):
-            yield self.features_of(batch)
+            yield self.features_of(batch, name)
 
-    def features_of(self, batch: Batch) -> FeatureBatch:
+    def check_inputs(self, inputs: Any, name: str = "dataset") -> None:
+        """Raise `InvalidDataError` if a batch's inputs do not fit the model's inputs.
+
+        Checks the number of inputs, the shape of each example and that floating inputs of the
+        model get floating data (tuple or single inputs; dict inputs are left to Keras).
+        """
+        specs = getattr(self.model, "inputs", None)
+        if not specs or isinstance(inputs, dict):
+            return
+        given, expected = tf.nest.flatten(inputs), list(specs)
+        if len(given) != len(expected):
+            raise InvalidDataError(
+                f"`{name}`: the model takes {len(expected)} input(s) but a batch gives {len(given)}. "
+                f"Received inputs of shapes {[tuple(t.shape) for t in given]}"
+            )
+        for tensor, spec in zip(given, expected):
+            shape, wanted = tuple(tensor.shape)[1:], tuple(spec.shape)[1:]
+            fits = len(shape) == len(wanted) and all(a is None or b is None or a == b for a, b in zip(shape, wanted))
+            if not fits:
+                raise InvalidDataError(
+                    f"`{name}`: the model's input {spec.name!r} takes examples of shape {wanted}. "
+                    f"Received a batch of shape {tuple(tensor.shape)}"
+                )
+            if tf.as_dtype(spec.dtype).is_floating and not tf.as_dtype(tensor.dtype).is_floating:
+                raise InvalidDataError(
+                    f"`{name}`: the model's input {spec.name!r} is {spec.dtype}; cast the data to it "
+                    f"(e.g. x.astype('float32')). Received inputs of dtype {tf.as_dtype(tensor.dtype).name}"
+                )
+
+    def features_of(self, batch: Batch, name: str | None = None) -> FeatureBatch:
         """Apply the trunk to one batch; missing sample weights become ones."""
+        self.check_inputs(batch.inputs, name or batch.source)
         features = self._trunk(batch.inputs)
         dtype = self.weights[0].dtype
         weights = tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
@@ -172,10 +202,10 @@ class BaseInfluenceModel:
         """
         losses, grads = self.differentiator.gradients(batch.features, batch.targets, batch.weights)
         if not bool(tf.reduce_all(tf.math.is_finite(losses))) or not bool(tf.reduce_all(tf.math.is_finite(grads))):
-            raise NonFiniteError(self._diagnose_non_finite(batch, name, losses))
+            raise NonFiniteError(self.diagnose_non_finite(batch, name, losses))
         return losses, grads
 
-    def example_gradients(self, batch: Batch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor]:
+    def example_gradients(self, batch: Batch, name: str | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         """`batch_losses_and_gradients(features_of(batch))` of a raw batch, in one traced call
         (trunk, head gradients and finiteness check fused: one call and one sync per batch).
 
@@ -186,7 +216,7 @@ class BaseInfluenceModel:
         assert result is not None
         return result
 
-    def example_factors(self, batch: Batch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor] | None:
+    def example_factors(self, batch: Batch, name: str | None = None) -> tuple[tf.Tensor, tf.Tensor] | None:
         """Per-example gradients of a raw batch in factored form, `(losses, packed factors)`, or
         None if the watched weights do not allow it (see `HeadDifferentiator.factors`); the
         widths are `differentiator.factor_widths`.
@@ -200,7 +230,9 @@ class BaseInfluenceModel:
         self._factorable = result is not None
         return result
 
-    def _checked_call(self, fn: Any, batch: Batch, name: str) -> tuple[tf.Tensor, tf.Tensor] | None:
+    def _checked_call(self, fn: Any, batch: Batch, name: str | None) -> tuple[tf.Tensor, tf.Tensor] | None:
+        name = name or batch.source
+        self.check_inputs(batch.inputs, name)
         if not self._loss_checked:
             self._check_loss_output(batch)
         args = (batch.inputs, batch.targets) if batch.weights is None else (batch.inputs, batch.targets, batch.weights)
@@ -209,7 +241,7 @@ class BaseInfluenceModel:
             return None
         losses, values, finite = result
         if not bool(finite):
-            raise NonFiniteError(self._diagnose_non_finite(self.features_of(batch), name, losses))
+            raise NonFiniteError(self.diagnose_non_finite(self.features_of(batch, name), name, losses))
         return losses, values
 
     def _run_trunk_and(self, head_fn: Any, inputs: Any, targets: Any, weights: Any = None) -> Any:
@@ -225,7 +257,8 @@ class BaseInfluenceModel:
         finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(losses)), tf.reduce_all(tf.math.is_finite(values)))
         return losses, values, finite
 
-    def _diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor) -> str:
+    def diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor) -> str:
+        """Say where a batch's NaN or Inf comes from: its inputs, labels, weights, or the model."""
         parts = {
             "inputs (after the trunk)": batch.features,
             "labels": batch.targets,
