@@ -1,0 +1,221 @@
+"""The methods of the detection benchmark: a registry that builds each calculator on a trained model.
+
+A method is run only if its class is importable from Vestigia (`available`); otherwise it is
+listed as "not available". Each method is built by a function of a `Context` (the trained
+model, its checkpoints, the training data and the setting), so the runner can time building
+(setup: Hessian, eigendecomposition, surrogate fit, ...) separately from scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from detection_setups import Setting
+
+LOSS = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+
+
+@dataclass
+class Context:
+    """What a method is built from: the trained logits model, its TracIn checkpoints (with their
+    learning-rate weights), the training data as a batched dataset, and the setting."""
+
+    setting: Setting
+    model: keras.Model
+    checkpoints: list[keras.Model]
+    checkpoint_rates: list[float]
+    train: tf.data.Dataset
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def rebatched(self, batch_size: int) -> Context:
+        """The same context with the training data in batches of `batch_size` (shared state kept)."""
+        return dataclasses.replace(self, train=self.train.unbatch().batch(batch_size))
+
+    def influence_model(self, all_layers: bool = False, model: keras.Model | None = None) -> Any:
+        """`InfluenceModel` watching the last `Dense` (default) or every layer."""
+        from vestigia import InfluenceModel
+
+        target = self.model if model is None else model
+        if all_layers:
+            return InfluenceModel(target, start_layer=0, last_layer=-1, loss_function=LOSS)
+        return InfluenceModel(target, start_layer=-1, loss_function=LOSS)
+
+
+def resolve(class_name: str) -> Any | None:
+    """The Vestigia class called `class_name`, from the package, `vestigia.methods` or one of its
+    modules; None if it does not exist (yet)."""
+    for module_name in ("vestigia", "vestigia.methods"):
+        module = importlib.import_module(module_name)
+        if hasattr(module, class_name):
+            return getattr(module, class_name)
+    methods = importlib.import_module("vestigia.methods")
+    for info in pkgutil.iter_modules(methods.__path__):
+        try:
+            module = importlib.import_module(f"vestigia.methods.{info.name}")
+        except Exception:  # a module being written by someone else may not import yet
+            continue
+        if hasattr(module, class_name):
+            return getattr(module, class_name)
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A benchmarked method.
+
+    Attributes:
+        name: row label of the tables.
+        class_name: the Vestigia class it needs (None for the baselines).
+        build: `build(cls, context) -> calculator` (`cls` is the resolved class).
+        batch_size: the setting's batch size for this method, if not `influence_batch_size`.
+    """
+
+    name: str
+    class_name: str | None
+    build: Callable[[Any, Context], Any]
+    batch_size: Callable[[Setting], int] | None = None
+
+
+class LossBaseline:
+    """Baseline: the training loss of each example under its (possibly flipped) label."""
+
+    def __init__(self, context: Context) -> None:
+        self.model = context.model
+
+    def self_influence(self, train: tf.data.Dataset) -> np.ndarray:
+        values = [LOSS(y, self.model(x, training=False)).numpy() for x, y in train]
+        return np.concatenate(values)
+
+
+class RandomBaseline:
+    """Baseline: independent standard normal scores (seeded); attributions too, for the LDS floor."""
+
+    def __init__(self, context: Context) -> None:
+        self.rng = np.random.default_rng(context.setting.seed)
+
+    def self_influence(self, train: tf.data.Dataset) -> np.ndarray:
+        return self.rng.normal(size=sum(int(x.shape[0]) for x, _ in train))
+
+    def influence_matrix(self, test: tf.data.Dataset, train: tf.data.Dataset) -> np.ndarray:
+        n_test = sum(int(x.shape[0]) for x, _ in test)
+        return self.rng.normal(size=(n_test, sum(int(x.shape[0]) for x, _ in train)))
+
+
+def _exact_ihvp(context: Context) -> Any:
+    """The exact solver of the last layer, built once per context (RelatIF reuses exact's)."""
+    if "exact" not in context.shared:
+        from vestigia import ExactIHVP
+
+        context.shared["exact"] = ExactIHVP(context.influence_model(), context.train, damping=context.setting.damping)
+    return context.shared["exact"]
+
+
+def _first_order(solver: str, normalize: bool = False) -> Callable[[Any, Context], Any]:
+    def build(cls: Any, c: Context) -> Any:
+        s = c.setting
+        if solver == "exact":
+            return cls(c.influence_model(), c.train, ihvp_calculator=_exact_ihvp(c), normalize=normalize)
+        options: dict[str, Any] = {"damping": s.damping}
+        if solver == "cgd":
+            options["n_opt_iters"] = s.cg_iters
+        else:
+            options.update(n_opt_iters=s.lissa_iters, scale=s.lissa_scale)
+        return cls(c.influence_model(), c.train, solver, n_samples_for_hessian=s.cg_hessian_samples, **options)
+
+    return build
+
+
+def _arnoldi(all_layers: bool) -> Callable[[Any, Context], Any]:
+    def build(cls: Any, c: Context) -> Any:
+        s = c.setting
+        return cls(
+            c.influence_model(all_layers),
+            c.train,
+            subspace_dim=s.arnoldi_dim,
+            force_hermitian=True,
+            k_largest_eig_vals=s.arnoldi_k,
+            seed=s.seed,
+            damping=s.damping,
+        )
+
+    return build
+
+
+def _tracin(all_layers: bool) -> Callable[[Any, Context], Any]:
+    def build(cls: Any, c: Context) -> Any:
+        models = [c.influence_model(all_layers, checkpoint) for checkpoint in c.checkpoints]
+        return cls(models, c.checkpoint_rates)
+
+    return build
+
+
+def _rps_l2(targets: str) -> Callable[[Any, Context], Any]:
+    def build(cls: Any, c: Context) -> Any:
+        s = c.setting
+        return cls(
+            c.model,
+            c.train,
+            LOSS,
+            lambda_regularization=s.rps_lambda,
+            epochs=s.rps_epochs,
+            layer_index=-1,
+            targets=targets,
+        )
+
+    return build
+
+
+def _rps_lje(cls: Any, c: Context) -> Any:
+    s = c.setting
+    if s.lje_solver == "exact":
+        return cls(c.influence_model(), c.train, ihvp_calculator="exact", damping=s.damping)
+    return cls(
+        c.influence_model(),
+        c.train,
+        ihvp_calculator=s.lje_solver,
+        n_samples_for_hessian=s.cg_hessian_samples,
+        damping=s.damping,
+        n_opt_iters=s.cg_iters,
+    )
+
+
+METHODS: list[Method] = [
+    Method("Influence (exact)", "FirstOrderInfluenceCalculator", _first_order("exact")),
+    Method("RelatIF (exact)", "FirstOrderInfluenceCalculator", _first_order("exact", True)),
+    Method("Influence (CG)", "FirstOrderInfluenceCalculator", _first_order("cgd")),
+    Method("Influence (LiSSA)", "FirstOrderInfluenceCalculator", _first_order("lissa")),
+    Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
+    Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
+    Method("TracIn", "TracIn", _tracin(False)),
+    Method("TracIn (all layers)", "TracIn", _tracin(True)),
+    Method("RPS-L2", "RepresenterPointL2", _rps_l2("model")),
+    Method("RPS-L2 (label targets)", "RepresenterPointL2", _rps_l2("labels")),
+    Method("RPS-LJE", "RepresenterPointLJE", _rps_lje),
+    Method("Boundary (sample)", "SampleBoundaryCalculator", lambda cls, c: cls(c.model, c.setting.boundary_steps)),
+    Method(
+        "Boundary (weights)",
+        "WeightsBoundaryCalculator",
+        lambda cls, c: cls(c.model, c.setting.boundary_steps),
+        batch_size=lambda s: s.boundary_batch_size,
+    ),
+    Method("Loss (baseline)", None, lambda cls, c: LossBaseline(c)),
+    Method("Random (baseline)", None, lambda cls, c: RandomBaseline(c)),
+]
+
+
+def methods_for(setting: Setting) -> list[Method]:
+    """The methods that apply to a setting (all-layer variants only where asked)."""
+    return [m for m in METHODS if setting.all_layer_variants or "(all layers)" not in m.name]
+
+
+def available(method: Method) -> Any | None:
+    """The class a method needs (or `True` for a baseline), None if Vestigia does not have it."""
+    return True if method.class_name is None else resolve(method.class_name)
