@@ -300,3 +300,21 @@ def test_kronecker_hessian_products_equal_autodiff_hvps_and_the_closed_form(watc
         hidden = np.tanh(x @ model.layers[0].kernel.numpy() + model.layers[0].bias.numpy())
         closed = softmax_head_hessian(hidden, model.layers[-1].kernel.numpy(), model.layers[-1].bias.numpy())
         assert_close(kron / len(x), vectors @ closed, HESS_RTOL)
+
+
+def test_large_damped_exact_solver_inverts_directly_and_matches_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above `SMALL_MATRIX` parameters a damped `ExactIHVP` inverts without an eigendecomposition;
+    the inverse and the lazily computed eigenvalues agree with NumPy."""
+    from vestigia.curvature import exact
+
+    monkeypatch.setattr(exact, "SMALL_MATRIX", 4)
+    x, y = make_classification(n=40, d=5, classes=3)
+    influence_model = InfluenceModel(make_mlp(), start_layer=-1, loss_function=logits_loss())
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(influence_model.nb_params, influence_model.nb_params))
+    given = a @ a.T / len(a)
+    ihvp = ExactIHVP(influence_model, train_hessian=given, damping=DAMPING)
+    assert "_eigh" not in vars(ihvp)
+    damped = given + DAMPING * np.eye(len(given))
+    assert_close(ihvp.inv_hessian, np.linalg.inv(damped), 1e-10)
+    assert_close(ihvp.eigenvalues, np.linalg.eigvalsh(damped), 1e-10)
