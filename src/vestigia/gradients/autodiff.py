@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from vestigia.model.split import DenseTap, Head
+from vestigia.gradients.head import DenseTap, Head
 
 LossFn = Callable[[Any, Any], tf.Tensor]
 

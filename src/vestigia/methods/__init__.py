@@ -1,8 +1,8 @@
 """Attribution methods, all on one calculator engine."""
 
 from vestigia.methods.arnoldi import ArnoldiInfluenceCalculator
-from vestigia.methods.base import BaseInfluenceCalculator, SelfInfluenceCalculator
 from vestigia.methods.boundary import SampleBoundaryCalculator, WeightsBoundaryCalculator
+from vestigia.methods.engine import BaseInfluenceCalculator, SelfInfluenceCalculator
 from vestigia.methods.first_order import FirstOrderInfluenceCalculator
 from vestigia.methods.representer import RepresenterPointCalculator
 from vestigia.methods.representer_l2 import RepresenterPointL2

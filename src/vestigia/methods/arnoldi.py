@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from vestigia.curvature.arnoldi import ArnoldiIHVP
 from vestigia.data.dataset import Batch, as_batched_dataset
-from vestigia.methods.base import BaseInfluenceCalculator
+from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.methods.first_order import example_gradients
 from vestigia.model.influence_model import BaseInfluenceModel
 

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from vestigia.data.dataset import Batch, ProcessBatchFn
 from vestigia.errors import InvalidDataError, InvalidModelError, check_finite, check_non_negative, check_positive_int
-from vestigia.methods.base import SelfInfluenceCalculator
+from vestigia.methods.engine import SelfInfluenceCalculator
 from vestigia.model.influence_model import BaseInfluenceModel
 
 LogitsAndJacobian = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]

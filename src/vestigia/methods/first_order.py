@@ -17,7 +17,7 @@ from vestigia.curvature import registry
 from vestigia.curvature.base import InverseHessianVectorProduct
 from vestigia.data.dataset import Batch, as_batched_dataset, iterate_batches
 from vestigia.errors import InvalidDataError, check_positive_int
-from vestigia.methods.base import BaseInfluenceCalculator
+from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.model.influence_model import BaseInfluenceModel
 
 

@@ -40,7 +40,7 @@ import tensorflow as tf
 
 from vestigia.data.dataset import Batch, ProcessBatchFn, as_batched_dataset, iterate_batches
 from vestigia.errors import InvalidDataError, InvalidModelError, check_finite
-from vestigia.methods.base import BaseInfluenceCalculator
+from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.model.influence_model import FeatureBatch, InfluenceModel, _resolve_layer
 
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 from vestigia.data.dataset import Batch
 from vestigia.errors import InvalidModelError, check_non_negative
 from vestigia.gradients.factored import factored_inner_products, factored_squared_norms
-from vestigia.methods.base import BaseInfluenceCalculator
+from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.methods.first_order import example_gradients
 from vestigia.model.influence_model import BaseInfluenceModel
 
