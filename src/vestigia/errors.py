@@ -23,6 +23,10 @@ class NonFiniteError(FloatingPointError):
     """A loss, gradient, weight or input holds NaN or Inf."""
 
 
+class StoreMismatchError(ValueError):
+    """An on-disk store was made with another model, data or settings, or is not a store."""
+
+
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 120 else text[:117] + "..."

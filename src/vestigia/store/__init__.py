@@ -1,5 +1,6 @@
 """On-disk stores: fingerprints of what made them, chunked arrays written atomically."""
 
+from vestigia.store.chunked import ChunkedStore, StoredArray
 from vestigia.store.fingerprint import (
     Fingerprint,
     canonical_json,
@@ -10,7 +11,9 @@ from vestigia.store.fingerprint import (
 )
 
 __all__ = [
+    "ChunkedStore",
     "Fingerprint",
+    "StoredArray",
     "canonical_json",
     "fingerprint",
     "fingerprint_data",
