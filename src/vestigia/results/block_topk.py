@@ -75,18 +75,33 @@ class BlockTopK:
 
     def _filter(self, block: np.ndarray, row_start: int, row_stop: int) -> tuple[np.ndarray, ...]:
         part = block[row_start:row_stop]
-        high_kth = self.high_values[row_start:row_stop].min(axis=1, keepdims=True)
-        low_kth = self.low_values[row_start:row_stop].max(axis=1, keepdims=True)
-        hr, hc = np.nonzero(part > high_kth)
-        lr, lc = np.nonzero(part < low_kth)
-        return hr + row_start, hc, part[hr, hc], lr + row_start, lc, part[lr, lc]
+        width = part.shape[1]
+        mask = np.empty(part.shape, dtype=bool)
+        out: list[np.ndarray] = []
+        for kth, compare in (
+            (self.high_values[row_start:row_stop].min(axis=1, keepdims=True), np.greater),
+            (self.low_values[row_start:row_stop].max(axis=1, keepdims=True), np.less),
+        ):
+            compare(part, kth, out=mask)
+            flat = np.flatnonzero(mask)  # far cheaper than a 2-D nonzero
+            rows, cols = np.divmod(flat, width)
+            out += [rows + row_start, cols, part.reshape(-1)[flat]]
+        return tuple(out)
 
     def add(self, block: np.ndarray, offset: int) -> None:
         """Merge a score block `(n_rows, width)` whose column `j` is training index `offset + j`."""
         block = np.asarray(block, dtype=np.float32)
         n_rows = block.shape[0]
-        if self.seen < self.k:  # first block(s): every score is a candidate; take the best k directly
-            self._merge_dense(block, offset)
+        if self.seen < self.k:
+            # First block(s): every score is a candidate. Partition only a slice of columns; its
+            # k-th best is a safe threshold (a subset's k-th best is never above the block's),
+            # so the rest of the block goes through the cheap filter.
+            head = min(block.shape[1], max(8 * self.k, 1024))
+            self._merge_dense(block[:, :head], offset)
+            self.seen += head
+            if head < block.shape[1]:
+                self.add(block[:, head:], offset + head)
+            return
         else:
             bounds = np.linspace(0, n_rows, self._threads + 1).astype(int)
             jobs = list(zip(bounds[:-1], bounds[1:]))
