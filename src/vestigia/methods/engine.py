@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
@@ -36,6 +37,9 @@ from vestigia.data.dataset import (
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
+from vestigia.store.calculator import open_calculator_store, stored_rows
+
+StorePath = str | os.PathLike[str]
 
 
 def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -76,11 +80,22 @@ class SelfInfluenceCalculator(ABC):
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
         return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
 
-    def self_influence(self, train_set: Any, device: str | None = None) -> np.ndarray:
-        """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order."""
+    def self_influence(self, train_set: Any, device: str | None = None, store: StorePath | None = None) -> np.ndarray:
+        """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order.
+
+        With `store` (a directory), each training batch's values are saved there as they are
+        computed, and a rerun after a crash resumes (see `vestigia.store`)."""
         with _device(device):
-            values = [np.asarray(self._self_influence(b), np.float32) for b in self._batches(train_set, "train_set")]
+            batches = self._batches(train_set, "train_set")
+            if store is not None:
+                opened = open_calculator_store(self, train_set, store)
+                rows = stored_rows(opened, ["self_influence"], batches, lambda b: [self._self_influence_f32(b)])
+                return np.concatenate([r[0] for r in rows])
+            values = [self._self_influence_f32(b) for b in batches]
         return np.concatenate(values)
+
+    def _self_influence_f32(self, batch: Batch) -> np.ndarray:
+        return np.asarray(self._self_influence(batch), np.float32)
 
     def compute_influence_values(self, train_set: Any, device: str | None = None) -> tf.data.Dataset:
         """The seed's view: a dataset of `(train_batch, self_influence (batch, 1))`, in order."""
@@ -159,19 +174,34 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         test_sides, _ = self._test_sides(dataset_to_evaluate)
         yield from self._blocks_against(test_sides, train_set)
 
-    def _blocks_against(self, test_sides: list[tf.Tensor], train_set: Any) -> Iterator[np.ndarray]:
-        for batch in self._batches(train_set, "train_set"):
+    def _train_sides(self, train_set: Any, store: StorePath | None) -> Iterator[list[Any]]:
+        """Training-side vectors of each batch, one per component; cached per batch in `store`."""
+        batches = self._batches(train_set, "train_set")
+        compute = lambda b: [self._score_train_side(b, c) for c in range(self.n_components)]  # noqa: E731
+        if store is None:
+            return map(compute, batches)
+        names = [f"train_side_{c}" for c in range(self.n_components)]
+        return stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
+
+    def _blocks_against(
+        self, test_sides: list[tf.Tensor], train_set: Any, store: StorePath | None = None
+    ) -> Iterator[np.ndarray]:
+        for train_side in self._train_sides(train_set, store):
             block = None
             for c, test_side in enumerate(test_sides):
-                scores = self._pair(test_side, self._score_train_side(batch, c), c)
+                scores = self._pair(test_side, train_side[c], c)
                 block = scores if block is None else block + scores
             yield np.asarray(block)
 
-    def influence_matrix(self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None) -> np.ndarray:
+    def influence_matrix(
+        self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None, store: StorePath | None = None
+    ) -> np.ndarray:
         """All pairwise values `(n_test, n_train)`: `values[t, i]` is the influence of training
-        example `i` on test example `t` (positive: proponent)."""
+        example `i` on test example `t` (positive: proponent). `store`: a directory caching the
+        training-side vectors per batch (resumable, see `vestigia.store`)."""
         with _device(device):
-            return np.concatenate(list(self.score_blocks(dataset_to_evaluate, train_set)), axis=1)
+            test_sides, _ = self._test_sides(dataset_to_evaluate)
+            return np.concatenate(list(self._blocks_against(test_sides, train_set, store)), axis=1)
 
     def top_k_indices(
         self,
@@ -180,24 +210,33 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         k: int = 5,
         order: ORDER = ORDER.DESCENDING,
         device: str | None = None,
+        store: StorePath | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The `k` most influential training examples for each test example, streamed.
+
+        `store`: a directory caching the training-side vectors per batch (resumable).
 
         Returns:
             `(values, indices)`, each `(n_test, k)`, best first; memory `O(n_test * k)`.
         """
-        values, indices, _ = self._top_k_with_sizes(dataset_to_evaluate, train_set, k, order, device)
+        values, indices, _ = self._top_k_with_sizes(dataset_to_evaluate, train_set, k, order, device, store)
         return values, indices
 
     def _top_k_with_sizes(
-        self, dataset_to_evaluate: Any, train_set: Any, k: int, order: ORDER, device: str | None
+        self,
+        dataset_to_evaluate: Any,
+        train_set: Any,
+        k: int,
+        order: ORDER,
+        device: str | None,
+        store: StorePath | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """`top_k_indices`, and the test batch sizes (one pass over each dataset)."""
         check_positive_int("k", k)
         with _device(device):
             test_sides, test_sizes = self._test_sides(dataset_to_evaluate)
             stream = StreamingTopK(sum(test_sizes), k, order)
-            for block in self._blocks_against(test_sides, train_set):
+            for block in self._blocks_against(test_sides, train_set, store):
                 stream.add(block)
         _check_k(k, stream.seen, "training examples")
         return (*stream.result(), test_sizes)
