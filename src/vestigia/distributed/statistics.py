@@ -40,21 +40,24 @@ class DenseKroneckerStatistics:
         self.weights = [np.asarray(w) for w in model.get_weights()]
         self.loss_config = keras.losses.serialize(loss)
         self.bias = bias
-        self._model: keras.Model | None = None
+        self._model, self._loss = model, loss
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_model": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_model", "_loss")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Rebuild the model from JSON and weights (once per process, eagerly, not inside a replica)."""
+        self.__dict__.update(state)
+        self._model = keras.models.model_from_json(self.config)
+        self._model.set_weights(self.weights)
+        self._loss = keras.losses.deserialize(self.loss_config)
 
     def _built(self) -> tuple[keras.Model, keras.losses.Loss]:
-        if self._model is None:
-            self._model = keras.models.model_from_json(self.config)
-            self._model.set_weights(self.weights)
-            self._loss = keras.losses.deserialize(self.loss_config)
         return self._model, self._loss
 
-    def __call__(self, shard: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+    def factors(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        """Per-example layer inputs `a` `(batch, d_in [+1])` and output gradients `d` `(batch, d_out)`, float64."""
         model, loss = self._built()
-        x, y = shard
         h = tf.convert_to_tensor(x)
         for layer in model.layers[: self.index]:
             h = layer(h)
@@ -70,8 +73,20 @@ class DenseKroneckerStatistics:
         d = tf.cast(tape.gradient(total, z), tf.float64)  # row i: d loss_i / d z_i (examples independent)
         if self.bias:
             a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
-        return {
-            "A": tf.matmul(a, a, transpose_a=True).numpy(),
-            "G": tf.matmul(d, d, transpose_a=True).numpy(),
-            "count": np.array([x.shape[0]], dtype=np.float64),
-        }
+        return a, d
+
+    def sums(self, x: Any, y: Any) -> dict[str, tf.Tensor]:
+        """`{"A": a^T a, "G": d^T d, "count": (1,)}` as float64 tensors (for `tf.distribute`)."""
+        a, d = self.factors(x, y)
+        count = tf.cast(tf.shape(a)[:1], tf.float64)
+        return {"A": tf.matmul(a, a, transpose_a=True), "G": tf.matmul(d, d, transpose_a=True), "count": count}
+
+    def example_gradients(self, x: Any, y: Any) -> tf.Tensor:
+        """Per-example kernel (and bias) gradients `vec(a_i d_i^T)`, float32 `(batch, (d_in+1) d_out)`."""
+        a, d = self.factors(x, y)
+        outer = tf.einsum("bi,bj->bij", a, d)
+        return tf.cast(tf.reshape(outer, [tf.shape(outer)[0], -1]), tf.float32)
+
+    def __call__(self, shard: tuple[np.ndarray, np.ndarray]) -> dict[str, np.ndarray]:
+        x, y = shard
+        return {name: value.numpy() for name, value in self.sums(x, y).items()}
