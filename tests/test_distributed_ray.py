@@ -124,7 +124,7 @@ def test_scoring_on_ray_with_a_killed_worker_equals_the_single_process_path(clus
     killer = _kill_first_worker_running(
         "_score_task", lambda: self_dir.exists() and len(list(self_dir.iterdir())) >= 3, killed
     )
-    result = score_on_ray(queries, str(tmp_path / "ray"), FP, k=9, group_chunks=6)
+    result = score_on_ray(queries, str(tmp_path / "ray"), FP, k=9, group_chunks=6, query_block=30)
     killer.join()
     assert len(killed) == 1
     np.testing.assert_array_equal(result.proponent_indices, reference.proponent_indices)
@@ -134,4 +134,4 @@ def test_scoring_on_ray_with_a_killed_worker_equals_the_single_process_path(clus
     np.testing.assert_allclose(result.opponent_values, reference.opponent_values, rtol=0, atol=3e-5)
     np.testing.assert_allclose(result.self_influence, reference.self_influence, rtol=1e-6)
     groups = [n for n in distributed.manifest()["arrays"] if n.endswith("/seen")]
-    assert len(groups) == 10  # one partial top-k per group, none lost or duplicated
+    assert len(groups) == 20  # one partial top-k per (query block, group): none lost or duplicated

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from vestigia.distributed.cluster import ray_cluster
+from vestigia.errors import check_positive_int
 from vestigia.results.out_of_core import (
     ScoreResult,
     check_scoring_inputs,
@@ -195,30 +196,45 @@ def score_on_ray(
     self_influence: bool = True,
     self_side: str | None = None,
     group_chunks: int = 8,
+    query_block: int | None = None,
     address: str | None = None,
     local: bool = False,
     num_cpus: int | None = None,
     max_retries: int = 3,
     progress: ProgressArg = False,
 ) -> ScoreResult:
-    """`score_out_of_core` with one Ray task per group of training chunks and an exact top-k merge.
+    """`score_out_of_core` as Ray tasks over (query block x group of training chunks) tiles,
+    with an exact top-k merge.
 
-    Each task saves its group's partial top-k in the store (under `.../partial/`), so a rerun
-    skips finished groups; the driver merges all partial states.
+    Each task saves its tile's partial top-k in the store (under `scores/<query block hash>/partial/`),
+    so a rerun skips finished tiles; the driver merges the partial states of each query block.
+    `query_block` bounds a task's score block to `query_block x chunk_rows` (default: all queries).
     """
     store = ChunkedStore(store_path, fingerprint)
     features = store.array(train)
     queries = check_scoring_inputs(queries, features, k)
-    prefix = query_key(queries, k) + "/partial"
+    block = queries.shape[0] if query_block is None else check_positive_int("query_block", query_block)
+    query_blocks = [queries[a : a + block] for a in range(0, queries.shape[0], block)]
+    prefixes = [query_key(q, k) + "/partial" for q in query_blocks]
     self_out = (
         store.array("self_influence", (features.shape[0],), features.chunk_rows, "float32") if self_influence else None
     )
     groups = groups_of(features.n_chunks, group_chunks)
     missing_self = set(self_out.missing_chunks()) if self_out is not None else set()
-    todo = [g for g, r in enumerate(groups) if load_group(store, prefix, g) is None or missing_self & set(r)]
     args = (str(store_path), fingerprint.to_dict(), train, k)
-    tasks = [(_score_task, (queries, *args, groups[g], g, prefix, self_influence, self_side)) for g in todo]
+    tasks = []
+    for q, prefix in zip(query_blocks, prefixes):
+        for g, chunks in enumerate(groups):
+            # self-influence is written by the first query block's tasks only
+            writes_self = self_influence and q is query_blocks[0]
+            if load_group(store, prefix, g) is None or (writes_self and missing_self & set(chunks)):
+                tasks.append((_score_task, (q, *args, chunks, g, prefix, writes_self, self_side)))
     _run(tasks, local, address, num_cpus, max_retries, progress, "scoring")
-    states = [load_group(store, prefix, g) for g in range(len(groups))]
-    merged = merge_states([s for s in states if s is not None], queries.shape[0], k)
-    return ScoreResult(*merged.result(), self_influence=self_out.read() if self_out is not None else None)
+    parts = []
+    for q, prefix in zip(query_blocks, prefixes):
+        states = [load_group(store, prefix, g) for g in range(len(groups))]
+        parts.append(merge_states([s for s in states if s is not None], q.shape[0], k).result())
+    high_values, high_indices, low_values, low_indices = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    return ScoreResult(
+        high_values, high_indices, low_values, low_indices, self_out.read() if self_out is not None else None
+    )
