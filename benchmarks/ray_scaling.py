@@ -1,7 +1,10 @@
 """Ray scaling and the cost model of `docs/scale.md`: block scoring on 1 and N local workers.
 
-    python benchmarks/ray_scaling.py                 # calibrate at 50k x 1k, check at 100k x 2k and 200k x 2k
-    python benchmarks/ray_scaling.py --workers 4 --sizes 100000x4000,400000x4000
+    PYTHONPATH=src python benchmarks/ray_scaling.py   # calibrate at 50k x 1k, check at 100k x 2k and 200k x 2k
+    PYTHONPATH=src python benchmarks/ray_scaling.py --workers 4 --sizes 100000x4000,400000x4000
+
+Ray workers import Vestigia from their own `sys.path`: from a source checkout set
+`PYTHONPATH=src` (an installed package needs nothing).
 
 Scoring runs as Ray tasks over tiles (a query block x a group of training chunks). The cost
 model is `T(N) = t_task * tasks / (N * efficiency) + t_merge`, with `t_task` (seconds per
