@@ -86,16 +86,16 @@ class SelfInfluenceCalculator(ABC):
         With `store` (a directory), each training batch's values are saved there as they are
         computed, and a rerun after a crash resumes (see `vestigia.store`)."""
         with _device(device):
-            batches = self._batches(train_set, "train_set")
             if store is not None:
-                opened = open_calculator_store(self, train_set, store)
-                rows = stored_rows(opened, ["self_influence"], batches, lambda b: [self._self_influence_f32(b)])
-                return np.concatenate([r[0] for r in rows])
-            values = [self._self_influence_f32(b) for b in batches]
+                return self._stored_self_influence(train_set, store)
+            values = [np.asarray(self._self_influence(b), np.float32) for b in self._batches(train_set, "train_set")]
         return np.concatenate(values)
 
-    def _self_influence_f32(self, batch: Batch) -> np.ndarray:
-        return np.asarray(self._self_influence(batch), np.float32)
+    def _stored_self_influence(self, train_set: Any, store: StorePath) -> np.ndarray:
+        opened = open_calculator_store(self, train_set, store)
+        compute = lambda b: [np.asarray(self._self_influence(b), np.float32)]  # noqa: E731
+        rows = stored_rows(opened, ["self_influence"], self._batches(train_set, "train_set"), compute)
+        return np.concatenate([r[0] for r in rows])
 
     def compute_influence_values(self, train_set: Any, device: str | None = None) -> tf.data.Dataset:
         """The seed's view: a dataset of `(train_batch, self_influence (batch, 1))`, in order."""
@@ -169,10 +169,12 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             sizes.append(batch.size)
         return [tf.concat(s, axis=0) for s in sides], sizes
 
-    def score_blocks(self, dataset_to_evaluate: Any, train_set: Any) -> Iterator[np.ndarray]:
+    def score_blocks(
+        self, dataset_to_evaluate: Any, train_set: Any, store: StorePath | None = None
+    ) -> Iterator[np.ndarray]:
         """Yield score blocks `(n_test, train_batch)`, one per training batch, in order."""
         test_sides, _ = self._test_sides(dataset_to_evaluate)
-        yield from self._blocks_against(test_sides, train_set)
+        yield from self._blocks_against(test_sides, train_set, store)
 
     def _train_sides(self, train_set: Any, store: StorePath | None) -> Iterator[list[Any]]:
         """Training-side vectors of each batch, one per component; cached per batch in `store`."""
@@ -200,8 +202,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         example `i` on test example `t` (positive: proponent). `store`: a directory caching the
         training-side vectors per batch (resumable, see `vestigia.store`)."""
         with _device(device):
-            test_sides, _ = self._test_sides(dataset_to_evaluate)
-            return np.concatenate(list(self._blocks_against(test_sides, train_set, store)), axis=1)
+            return np.concatenate(list(self.score_blocks(dataset_to_evaluate, train_set, store)), axis=1)
 
     def top_k_indices(
         self,
