@@ -115,7 +115,8 @@ def main() -> None:
             sampler = WorkerMemory()
             for i, (n_train, n_queries) in enumerate(sizes):
                 path, fp = stores[n_train]
-                times[(n_train, n_queries, workers)] = timed_scoring(path, fp, n_queries, args.dim, args, seed=i)
+                seed = 100 * workers + i  # fresh queries: no tile of an earlier run is resumed
+                times[(n_train, n_queries, workers)] = timed_scoring(path, fp, n_queries, args.dim, args, seed=seed)
             memory[workers] = sampler.stop()
 
     def tasks(n_train: int, n_queries: int) -> int:
