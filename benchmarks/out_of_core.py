@@ -37,15 +37,19 @@ def generated_chunk(index: int, rows: int, dim: int) -> np.ndarray:
     return (np.random.default_rng(index).standard_normal((rows, dim), dtype=np.float32)) / np.float32(np.sqrt(dim))
 
 
-def reference_gemm(queries: np.ndarray, n_train: int, chunk_rows: int) -> float:
-    """Seconds for the plain GEMM `queries @ F^T` of all `n_train` rows, chunk by chunk."""
+def reference_gemm(queries: np.ndarray, n_train: int, chunk_rows: int, max_chunks: int | None = None) -> float:
+    """Seconds for the plain GEMM `queries @ F^T` of all `n_train` rows, chunk by chunk
+    (timed on the first `max_chunks` chunks and scaled linearly when given: every chunk's GEMM
+    has the same size)."""
     chunk = generated_chunk(0, chunk_rows, queries.shape[1])
     out = np.empty((queries.shape[0], chunk_rows), np.float32)
+    firsts = list(range(0, n_train, chunk_rows))
+    timed = firsts if max_chunks is None else firsts[:max_chunks]
     start = time.perf_counter()
-    for first in range(0, n_train, chunk_rows):
+    for first in timed:
         rows = min(chunk_rows, n_train - first)
         np.matmul(queries, chunk[:rows].T, out=out[:, :rows])
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) * len(firsts) / len(timed)
 
 
 def peak_rss_gib() -> float:
@@ -60,6 +64,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--chunk-rows", type=int, default=4096)
     parser.add_argument("--group-chunks", type=int, default=32)
+    parser.add_argument(
+        "--reference-chunks", type=int, default=None, help="time the reference GEMM on this many chunks, scaled"
+    )
     parser.add_argument("--dir", default=None, help="store directory (default: a temporary one, removed)")
     args = parser.parse_args()
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="vestigia_ooc_"))
@@ -71,11 +78,11 @@ def main() -> None:
         features.fill(lambda i: generated_chunk(i, features.rows(i).stop - features.rows(i).start, args.dim))
         write_s = time.perf_counter() - start
         queries = generated_chunk(10**9, args.n_queries, args.dim)
-        gemm_before = reference_gemm(queries, args.n_train, args.chunk_rows)
+        gemm_before = reference_gemm(queries, args.n_train, args.chunk_rows, args.reference_chunks)
         start = time.perf_counter()
         result = score_out_of_core(queries, store, k=args.k, group_chunks=args.group_chunks)
         score_s = time.perf_counter() - start
-        gemm_after = reference_gemm(queries, args.n_train, args.chunk_rows)
+        gemm_after = reference_gemm(queries, args.n_train, args.chunk_rows, args.reference_chunks)
         gemm_s = (gemm_before + gemm_after) / 2
         n_scores = args.n_train * args.n_queries
         print(
