@@ -89,31 +89,47 @@ class ExactIHVP(InverseHessianVectorProduct):
         else:
             raise InvalidDataError("ExactIHVP needs `train_dataset` or `train_hessian`. Received neither.")
         hessian[np.diag_indices(p)] += self._shift()
-        self.hessian = hessian
-        self._cholesky = self._try_cholesky() if p > SMALL_MATRIX else None
+        self._diagonal = np.diag(hessian).copy()
+        self._cholesky = self._try_cholesky(hessian) if p > SMALL_MATRIX else None
         if self._cholesky is not None:
             self.spectrum = SpectrumReport(0, 0, p, float("nan"), float("nan"))
             self._inv32 = self._h32 = None
         else:
+            self.hessian = self._restore(hessian)
             eigenvalues, eigenvectors = self._eigh
             inverse, self.spectrum = inverse_eigenvalues(eigenvalues, self.rcond, self.indefinite, "ExactIHVP")
             self.__dict__["inv_hessian"] = _matmul_t(eigenvectors * inverse, eigenvectors)
             self._inv32 = tf.constant(self.inv_hessian, dtype=tf.float32)
             self._h32 = tf.constant(self.hessian, dtype=tf.float32)
 
-    def _try_cholesky(self) -> np.ndarray | None:
-        """The lower Cholesky factor if `H` is positive definite with every pivot above the singular
-        cut (then no eigenvalue is negative and none is dropped), else None."""
+    def _try_cholesky(self, hessian: np.ndarray) -> np.ndarray | None:
+        """Factor `hessian` in place (its upper triangle, as `L^T`), and return the factor (a
+        Fortran-ordered view holding `L` in its lower triangle) if `H` is positive definite with
+        every pivot above the singular cut (then no eigenvalue is negative and none is dropped);
+        else None, with the strict lower triangle of `hessian` intact (see `_restore`)."""
         try:
-            factor, _ = scipy.linalg.cho_factor(self.hessian, lower=True, check_finite=False)
+            factor, _ = scipy.linalg.cho_factor(hessian.T, lower=True, overwrite_a=True, check_finite=False)
         except np.linalg.LinAlgError:
             return None
         pivots = np.diag(factor) ** 2
         # Every pivot is >= lambda_min, and max|diag| <= max|lambda|: a pivot under the cut
         # measured on the diagonal means a direction at least that close to singular.
-        if not np.all(np.isfinite(pivots)) or pivots.min() <= self.rcond * float(np.max(np.abs(np.diag(self.hessian)))):
+        if not np.all(np.isfinite(pivots)) or pivots.min() <= self.rcond * float(np.max(np.abs(self._diagonal))):
             return None
         return factor
+
+    def _restore(self, partial: np.ndarray) -> np.ndarray:
+        """`H` from a matrix whose strict lower triangle (C order) and saved diagonal are intact."""
+        lower = np.tril(partial, -1)
+        restored = lower + lower.T
+        restored[np.diag_indices_from(restored)] = self._diagonal
+        return restored
+
+    @functools.cached_property
+    def hessian(self) -> np.ndarray:
+        """`H + damping I` (regularisation included), float64 `(n_params, n_params)`."""
+        assert self._cholesky is not None
+        return self._restore(self._cholesky.T)
 
     @functools.cached_property
     def _eigh(self) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +172,10 @@ class ExactIHVP(InverseHessianVectorProduct):
         return result
 
     def hvp(self, vectors: Any) -> tf.Tensor:
-        if self._h32 is None:
-            return tf.constant(self._check_vectors(vectors) @ self.hessian, tf.float32)
+        if self._h32 is None:  # H v = L (L^T v), on the factor's triangle
+            columns = np.asfortranarray(self._check_vectors(vectors).T)
+            half = scipy.linalg.blas.dtrmm(1.0, self._cholesky, columns, lower=1, trans_a=1)
+            return tf.constant(scipy.linalg.blas.dtrmm(1.0, self._cholesky, half, lower=1).T, tf.float32)
         return tf.matmul(tf.cast(vectors, tf.float32), self._h32)
 
     def solve64(self, vectors: Any) -> np.ndarray:
