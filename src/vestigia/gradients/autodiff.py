@@ -148,7 +148,9 @@ class HeadDifferentiator:
                 if tap.layer.use_bias:
                     per_variable[id(tap.layer.bias.value)] = tf.reduce_sum(d, axis=1)
         if self._generic:
-            jacobians = tape.jacobian(losses, self._generic, experimental_use_pfor=True)
+            jacobians = tape.jacobian(
+                losses, self._generic, experimental_use_pfor=True, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
             for v, jac in zip(self._generic, jacobians):
                 per_variable[id(v)] = tf.zeros_like(jac) if jac is None else jac
             del tape
