@@ -60,7 +60,8 @@ def problem() -> dict:
 def test_exact_pseudo_inverse_matches_numpy(problem: dict) -> None:
     im, oracle = problem["im"], problem["hessian"]
     ihvp = ExactIHVP(im, problem["ds"])
-    assert ihvp.rcond == pytest.approx(10 * im.nb_params * np.finfo(np.float32).eps)
+    assert ihvp.rcond == pytest.approx(10 * np.sqrt(im.nb_params) * np.finfo(np.float32).eps)
+    assert ihvp.n_dropped == 7 and ihvp.n_negative == 0
     assert_close(ihvp.hessian, oracle, HESS_RTOL)
     # The pseudo-inverse logic, on the library's own Hessian.
     assert_close(ihvp.inv_hessian, np.linalg.pinv(ihvp.hessian, rcond=ihvp.rcond, hermitian=True), 1e-8)

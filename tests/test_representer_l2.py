@@ -224,8 +224,6 @@ def test_layer_index_conventions_and_errors(problem: dict) -> None:
     by_name = RepresenterPointL2(model, train, logits_loss(), LAMBDA, layer_index=model.layers[-1].name)
     np.testing.assert_allclose(by_dense.surrogate_kernel, problem["rps"].surrogate_kernel, atol=1e-12)
     np.testing.assert_allclose(by_name.surrogate_kernel, problem["rps"].surrogate_kernel, atol=1e-12)
-    with pytest.raises(InvalidModelError, match="use_bias=False"):
-        RepresenterPointL2(make_model(head_bias=True), train, logits_loss(), LAMBDA)
     deeper = keras.Sequential(
         [keras.Input((D_IN,)), keras.layers.Dense(4), keras.layers.Dense(4), keras.layers.Dense(3, use_bias=False)]
     )
@@ -237,3 +235,24 @@ def test_layer_index_conventions_and_errors(problem: dict) -> None:
         RepresenterPointL2(model, train, logits_loss(), LAMBDA, scaling_factor=1.5)
     with pytest.raises(InvalidModelError, match="reduction"):
         RepresenterPointL2(model, train, keras.losses.CategoricalCrossentropy(from_logits=True), LAMBDA)
+
+
+def test_last_layer_with_bias_is_folded_into_the_features() -> None:
+    """A biased last Dense: features `[f, 1]`, kernel `[W; b]`; the surrogate, alpha and values equal
+    the oracle's on those augmented features (the seed refused the model)."""
+    x, y = make_classification(N_TRAIN + N_TEST, D_IN, CLASSES, seed=2)
+    model = make_model(head_bias=True, seed=2)
+    f = np.concatenate([features_of(model, x), np.ones((len(x), 1))], axis=1)
+    kernel, bias = (w.astype(np.float64) for w in model.layers[-1].get_weights())
+    augmented = np.vstack([kernel, bias[None, :]])
+    targets = probs(f[:N_TRAIN] @ augmented)
+    w_star = oracle_surrogate(f[:N_TRAIN], targets, LAMBDA, augmented)
+    alpha = -(probs(f[:N_TRAIN] @ w_star) - targets) / (2 * LAMBDA * N_TRAIN)
+    classes = np.argmax(f @ augmented, axis=1)
+    rps = RepresenterPointL2(model, batched(x[:N_TRAIN], y[:N_TRAIN], 16), logits_loss(), LAMBDA)
+    np.testing.assert_allclose(rps.surrogate_kernel, w_star, atol=KERNEL_ATOL, rtol=0)
+    expected = oracle_values(f[:N_TRAIN], f[N_TRAIN:], alpha, classes[N_TRAIN:], np.ones(N_TEST))
+    values = rps.influence_matrix(batched(x[N_TRAIN:], y[N_TRAIN:], 5), batched(x[:N_TRAIN], y[:N_TRAIN], 16))
+    np.testing.assert_allclose(values, expected, rtol=VALUE_RTOL, atol=VALUE_RTOL * np.abs(expected).max())
+    # The representer expansion reproduces the surrogate's logits, bias included.
+    np.testing.assert_allclose(rps.predict_with_kernel(x[N_TRAIN:]).numpy(), f[N_TRAIN:] @ w_star, rtol=0, atol=1e-5)

@@ -177,8 +177,6 @@ def test_target_layer_honoured_with_a_trailing_activation(problem: dict) -> None
     )
     with pytest.raises(InvalidModelError, match="target_layer"):
         RepresenterPointLJE(InfluenceModel(deeper, loss_function=logits_loss()), problem["train"], target_layer=0)
-    with pytest.raises(InvalidModelError, match="use_bias=False"):
-        RepresenterPointLJE(InfluenceModel(make_model(head_bias=True), loss_function=logits_loss()), problem["train"])
 
 
 def test_solvers_factories_and_hessian_subsets(problem: dict) -> None:
@@ -213,3 +211,24 @@ def test_solvers_factories_and_hessian_subsets(problem: dict) -> None:
     )
     with pytest.raises(TypeError, match="influence_model"):
         RepresenterPointLJE(model, problem["train"])
+
+
+def test_last_layer_with_bias_is_folded_into_the_features() -> None:
+    """A biased last Dense: the decomposition runs on `[f, 1]` and `[W; b]`; values equal the
+    oracle's on those augmented features, and the perturbed head carries the perturbed bias."""
+    x, y = make_classification(N_TRAIN + N_TEST, D_IN, CLASSES, seed=3)
+    model = make_model(head_bias=True, seed=3)
+    f = np.concatenate([features_of(model, x), np.ones((len(x), 1))], axis=1)
+    kernel, bias = (w.astype(np.float64) for w in model.layers[-1].get_weights())
+    augmented = np.vstack([kernel, bias[None, :]])
+    expected = oracle(f[:N_TRAIN], y[:N_TRAIN].astype(np.float64), augmented, f[N_TRAIN:])
+    train = batched(x[:N_TRAIN], y[:N_TRAIN], 16)
+    lje = RepresenterPointLJE(
+        InfluenceModel(model, loss_function=logits_loss()), train, damping=DAMPING, learning_rate=ETA
+    )
+    np.testing.assert_allclose(lje.perturbed_kernel, expected["w0"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(lje.perturbed_head.layers[0].bias.numpy(), expected["w0"][-1], rtol=0, atol=1e-6)
+    values = lje.influence_matrix(batched(x[N_TRAIN:], y[N_TRAIN:], 5), train)
+    np.testing.assert_allclose(
+        values, expected["values"], rtol=VALUE_RTOL, atol=VALUE_RTOL * np.abs(expected["values"]).max()
+    )

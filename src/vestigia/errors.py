@@ -6,6 +6,7 @@ received ("`damping` must be >= 0. Received: damping=-1.0").
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -60,4 +61,44 @@ def check_finite(name: str, array: np.ndarray, what: str = "values") -> None:
         raise NonFiniteError(
             f"`{name}` holds {int((~finite).sum())} non-finite {what} (NaN or Inf), first at "
             f"index {tuple(int(i) for i in bad[0])}. Check the inputs, labels and weights."
+        )
+
+
+class InsufficientMemoryError(MemoryError):
+    """A dense allocation would not fit in the memory available; the message says what to use instead."""
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """An iterative solver stopped before reaching its tolerance; its result is approximate."""
+
+
+class SpectrumWarning(RuntimeWarning):
+    """The curvature is indefinite or singular and was treated as documented (e.g. |lambda|, pinv)."""
+
+
+def available_memory() -> int:
+    """Bytes that a new allocation may use: `VESTIGIA_MEMORY_LIMIT_BYTES` if set, else the
+    memory the operating system reports as available."""
+    limit = os.environ.get("VESTIGIA_MEMORY_LIMIT_BYTES")
+    if limit:
+        return int(float(limit))
+    try:
+        import psutil
+    except ImportError:  # psutil is optional: free pages as the operating system counts them
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(psutil.virtual_memory().available)
+
+
+def check_memory(what: str, n_bytes: int, alternatives: str) -> None:
+    """Raise `InsufficientMemoryError` if `n_bytes` exceed the memory available.
+
+    Args:
+        what: the allocation, e.g. "the dense Hessian (7850 x 7850 float64)".
+        n_bytes: its size.
+        alternatives: what to use instead, said in the message.
+    """
+    available = available_memory()
+    if n_bytes > available:
+        raise InsufficientMemoryError(
+            f"{what} needs {n_bytes / 2**30:.2f} GiB but only {available / 2**30:.2f} GiB are available. {alternatives}"
         )

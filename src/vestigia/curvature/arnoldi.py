@@ -19,9 +19,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from vestigia.curvature.base import ALTERNATIVES
 from vestigia.curvature.iterative import IterativeIHVP
 from vestigia.curvature.solvers import Operator, as_callable
-from vestigia.errors import check_non_negative, check_positive_int
+from vestigia.curvature.spectrum import check_indefinite, inverse_eigenvalues, resolve_rcond
+from vestigia.errors import check_memory, check_positive_int
 from vestigia.model.influence_model import BaseInfluenceModel
 
 
@@ -81,6 +83,11 @@ def arnoldi_iteration(
     n_params = check_positive_int("n_params", n_params)
     subspace_dim = _check_dims(n_params, subspace_dim)
     apply = as_callable(operator)
+    check_memory(
+        f"Arnoldi: the Krylov basis ({subspace_dim + 1:,} x {n_params:,} float64)",
+        8 * (subspace_dim + 1) * n_params,
+        "Pass a smaller `subspace_dim`. " + ALTERNATIVES,
+    )
     start = np.random.default_rng(seed).normal(size=n_params)
     basis = np.zeros((subspace_dim + 1, n_params))
     basis[0] = start / np.linalg.norm(start)
@@ -141,19 +148,14 @@ def distill(result: ArnoldiResult, k: int, force_hermitian: bool = True) -> Eige
     return Eigensystem(eigenvalues, eigenvectors.T @ result.basis[:s])
 
 
-def pseudo_inverse(eigenvalues: np.ndarray, rcond: float) -> np.ndarray:
-    """`1 / lambda`, with zero where `|lambda| <= rcond * max |lambda|` (a Moore-Penrose cut)."""
-    keep = np.abs(eigenvalues) > rcond * np.max(np.abs(eigenvalues), initial=0.0)
-    return np.where(keep, 1.0 / np.where(keep, eigenvalues, 1.0), 0.0)
-
-
 class ArnoldiIHVP(IterativeIHVP):
     """Low-rank `(H + damping I)^-1 v ~ G^T diag(1/lambda) G v` on the top-|lambda| eigenspace.
 
     `subspace_dim` full-data HVPs (cached trunk features, batched) build the Krylov basis once;
     `solve` then costs two `(m, n_params) x (n_params, k)` products. `hvp` is the exact damped
-    Hessian product of `IterativeIHVP`. Eigenvalues with `|lambda| <= rcond * max |lambda|`
-    are treated as zero (pseudo-inverse), as in `ExactIHVP`.
+    Hessian product of `IterativeIHVP`. As in `ExactIHVP` (`vestigia.curvature.spectrum`), only
+    singular eigenvalues, `|lambda| <= rcond * max |lambda|`, are dropped (`n_dropped`, with a
+    `SpectrumWarning`), and negative ones follow `indefinite`.
 
     Args:
         influence_model: the model and its watched weights.
@@ -163,7 +165,9 @@ class ArnoldiIHVP(IterativeIHVP):
         force_hermitian: symmetric tridiagonal eigensolver (True) or general `eig` (False).
         damping: added to `H` (>= 0) before the iteration.
         seed: seed of the start vector; equal seeds give equal results.
-        rcond: relative pseudo-inverse cut-off; default `10 * n_params * eps(float32)`.
+        rcond: relative cut-off of singular eigenvalues; default `10 sqrt(n_params) eps(float32)`.
+        indefinite: "abs" (default: invert `|lambda|`), "signed" or "raise".
+        regularization: include the watched weights' L2 regularizers in `H` (default True).
 
     Attributes:
         eigenvalues: `(k,)` float64, decreasing magnitude. projections: `G`, `(k, n_params)` float64.
@@ -179,17 +183,21 @@ class ArnoldiIHVP(IterativeIHVP):
         damping: float = 0.0,
         seed: int = 0,
         rcond: float | None = None,
+        indefinite: str = "abs",
+        regularization: bool = True,
     ) -> None:
-        super().__init__(influence_model, train_dataset, damping, n_opt_iters=subspace_dim)
+        super().__init__(influence_model, train_dataset, damping, subspace_dim, regularization)
         self.subspace_dim = _check_dims(self.n_params, subspace_dim)
         self.force_hermitian = bool(force_hermitian)
         self.seed = int(seed)
-        self.rcond = (
-            10.0 * self.n_params * np.finfo(np.float32).eps if rcond is None else check_non_negative("rcond", rcond)
-        )
+        self.rcond = resolve_rcond(rcond, self.n_params)
+        self.indefinite = check_indefinite(indefinite)
         krylov = arnoldi_iteration(self.damped_hvp64, self.n_params, self.subspace_dim, self.seed)
         self.eigenvalues, self.projections = distill(krylov, k_largest_eig_vals, self.force_hermitian)
-        self.inverse_eigenvalues = pseudo_inverse(self.eigenvalues, self.rcond)
+        self.inverse_eigenvalues, self.spectrum = inverse_eigenvalues(
+            self.eigenvalues, self.rcond, self.indefinite, "ArnoldiIHVP"
+        )
+        self.n_dropped = self.spectrum.n_dropped
 
     def project(self, vectors: Any) -> np.ndarray:
         """`G v` for each row `v`: coordinates in the kept eigenbasis, float64 `(m, k)`."""
@@ -197,4 +205,4 @@ class ArnoldiIHVP(IterativeIHVP):
 
     def solve(self, vectors: Any) -> tf.Tensor:
         coordinates = self.project(vectors) * self.inverse_eigenvalues
-        return tf.constant(coordinates @ self.projections, dtype=tf.float32)
+        return tf.constant(self._checked(coordinates @ self.projections, "solve"), dtype=tf.float32)

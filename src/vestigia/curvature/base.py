@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.curvature.regularization import regularization_diagonal
 from vestigia.data.dataset import as_batched_dataset, to_batched_dataset
-from vestigia.errors import InvalidDataError, check_non_negative
+from vestigia.errors import InvalidDataError, NonFiniteError, check_non_negative
 from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch
+
+ALTERNATIVES = (
+    "Use a matrix-free or low-rank solver instead: ihvp_calculator='cg' (ConjugateGradientDescentIHVP), "
+    "'lissa' (LissaIHVP), ArnoldiIHVP / ArnoldiInfluenceCalculator, or a factored curvature (K-FAC / EK-FAC, "
+    "'ekfac'); or watch fewer weights (start_layer, weights_to_watch)."
+)
 
 
 class InverseHessianVectorProduct(ABC):
@@ -27,6 +34,8 @@ class InverseHessianVectorProduct(ABC):
         influence_model: the model and its watched weights.
         train_dataset: batched training data that defines `H`.
         damping: `damping * I` is added to `H` (>= 0).
+        regularization: add the Hessian of the watched weights' own L2 regularizers
+            (`vestigia.curvature.regularization`) to `H`.
     """
 
     def __init__(
@@ -34,6 +43,7 @@ class InverseHessianVectorProduct(ABC):
         influence_model: BaseInfluenceModel,
         train_dataset: Any | None,
         damping: float = 0.0,
+        regularization: bool = True,
     ) -> None:
         if not isinstance(influence_model, BaseInfluenceModel):
             raise TypeError(f"`influence_model` must be an InfluenceModel. Received: {type(influence_model).__name__}")
@@ -41,6 +51,25 @@ class InverseHessianVectorProduct(ABC):
         self.train_dataset = None if train_dataset is None else as_batched_dataset(train_dataset, "train_dataset")
         self.damping = check_non_negative("damping", damping)
         self.n_params = influence_model.nb_params
+        self.regularization = bool(regularization)
+        self.regularization_diagonal = regularization_diagonal(influence_model) if self.regularization else None
+
+    def _shift(self) -> np.ndarray | float:
+        """What is added to the data Hessian: `damping` plus the regularizers' diagonal."""
+        if self.regularization_diagonal is None:
+            return self.damping
+        return self.damping + self.regularization_diagonal
+
+    def _checked(self, result: np.ndarray, what: str) -> np.ndarray:
+        """`result` if finite, else `NonFiniteError` naming the solver and the vectors."""
+        finite = np.isfinite(result).all(axis=1) if result.ndim == 2 else np.isfinite(result)
+        if not np.all(finite):
+            raise NonFiniteError(
+                f"{type(self).__name__}.{what} returned NaN or Inf for {int((~finite).sum())} of {len(finite)} "
+                f"vectors (first: row {int(np.argmin(finite))}). Check that the vectors are finite; a solver "
+                "diverges when H + damping I is singular or indefinite (add damping)."
+            )
+        return result
 
     @abstractmethod
     def solve(self, vectors: Any) -> tf.Tensor:

@@ -1,4 +1,12 @@
-"""`ExactIHVP`: the dense mean Hessian, held and factored in float64."""
+"""`ExactIHVP`: the dense mean Hessian, built from its structure, factored once in float64.
+
+Factorisation (all right-hand sides of a call solved together):
+
+* up to `SMALL_MATRIX` parameters: `H = Q diag(lambda) Q^T` (cheap at that size), the spectrum
+  treated as `vestigia.curvature.spectrum` documents, and the inverse kept;
+* above: Cholesky when `H + damping I` is positive definite (a pivot above the singular cut
+  proves no direction is dropped), else the same eigendecomposition.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +14,16 @@ import functools
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 import tensorflow as tf
 
-from vestigia.curvature.base import InverseHessianVectorProduct
-from vestigia.errors import InvalidDataError, NonFiniteError, check_finite
+from vestigia.curvature.base import ALTERNATIVES, InverseHessianVectorProduct
+from vestigia.curvature.hessian import SMALL_MATRIX, mean_hessian, symmetric_eigh
+from vestigia.curvature.spectrum import SpectrumReport, check_indefinite, inverse_eigenvalues, resolve_rcond
+from vestigia.errors import InvalidDataError, check_finite, check_memory
 from vestigia.model.influence_model import BaseInfluenceModel
 
-
-def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset") -> np.ndarray:
-    """`H = (1/n) sum_i w_i d^2 loss_i / d theta^2`, float64 `(n_params, n_params)`.
-
-    Each batch contributes the Hessian of its summed loss; no per-example Hessian is formed,
-    so memory does not grow with the batch size.
-    """
-    total = np.zeros((model.nb_params, model.nb_params), dtype=np.float64)
-    count = 0
-    for batch in model.feature_batches(dataset, name):
-        contribution = model.differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
-        if not np.isfinite(contribution).all():
-            losses = model.differentiator.losses(batch.features, batch.targets, batch.weights)
-            raise NonFiniteError(model.diagnose_non_finite(batch, name, losses))
-        total += contribution
-        count += batch.size
-    hessian = (total + total.T) / (2.0 * count)
-    check_finite("the training Hessian", hessian)
-    return hessian
-
-
-SMALL_MATRIX = 1024
-
-
-def symmetric_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`numpy.linalg.eigh` (ascending eigenvalues, eigenvectors in columns), float64.
-
-    Up to `SMALL_MATRIX` rows it runs in TensorFlow (Eigen, one thread): at that size LAPACK's
-    threaded solver spends most of its time starting threads and contending with TensorFlow's
-    thread pool on few cores (0.2-0.6 s instead of 10 ms for 320 rows on 2 cores).
-    """
-    if matrix.shape[0] > SMALL_MATRIX:
-        return np.linalg.eigh(matrix)
-    eigenvalues, eigenvectors = tf.linalg.eigh(tf.constant(matrix, tf.float64))
-    return eigenvalues.numpy(), eigenvectors.numpy()
+__all__ = ["SMALL_MATRIX", "ExactIHVP", "mean_hessian", "symmetric_eigh"]
 
 
 def _matmul_t(left: np.ndarray, right: np.ndarray) -> np.ndarray:
@@ -59,23 +36,27 @@ def _matmul_t(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 class ExactIHVP(InverseHessianVectorProduct):
     """Exact inverse-Hessian-vector products from the dense `(n_params, n_params)` Hessian.
 
-    `H` is built once, vectorised per batch, symmetrised and inverted in float64. With
-    `damping > 0` the inverse is `(H + damping I)^-1` (through `H = Q diag(lambda) Q^T` up to
-    1,024 parameters, a direct inverse above); with `damping = 0` it is the Moore-Penrose
-    pseudo-inverse, as in the seed: eigenvalues with `|lambda| <= rcond * max|lambda|` are
-    treated as zero. The default `rcond` is
-    `10 * n_params * eps(float32)`, the cut-off `tf.linalg.pinv` applies to float32 data, since
-    the Hessian's entries are computed in float32.
+    `H` (the mean Hessian of the training loss, plus the model's own L2 regularisation and
+    `damping * I`) is built once and factored in float64. Directions with
+    `|lambda| <= rcond * max|lambda|` are singular and dropped (pseudo-inverse), negative
+    eigenvalues follow `indefinite`; both are counted (`n_dropped`, `n_negative`) and warned
+    about (see `vestigia.curvature.spectrum`). A Hessian too large for the memory available is
+    refused before anything is allocated, with the alternatives.
 
     Args:
         influence_model: the model and its watched weights.
         train_dataset: batched training data defining `H` (optional if `train_hessian` is given).
-        train_hessian: a precomputed `(n_params, n_params)` Hessian, used instead of the data.
+        train_hessian: a precomputed `(n_params, n_params)` data Hessian, used instead of the data
+            (regularisation and damping are added to it).
         damping: added to every eigenvalue (>= 0).
-        rcond: relative cut-off of the pseudo-inverse, used when `damping == 0`.
+        rcond: relative cut-off of singular directions; default `10 sqrt(n_params) eps(float32)`.
+            The seed's `tf.linalg.pinv` used `10 * n_params * eps(float32)`.
+        indefinite: "abs" (default: invert `|lambda|`, self-influence >= 0), "signed" or "raise".
+        regularization: include the watched weights' L2 regularizers in `H` (default True).
 
     Attributes:
-        hessian: `H + damping I`, float64. inv_hessian: its (pseudo-)inverse, float64.
+        hessian: `H + damping I`, float64. inv_hessian: its (pseudo-)inverse, float64 (computed on
+        first use above `SMALL_MATRIX`). spectrum: a `SpectrumReport` (`n_negative`, `n_dropped`).
     """
 
     def __init__(
@@ -85,44 +66,96 @@ class ExactIHVP(InverseHessianVectorProduct):
         train_hessian: Any | None = None,
         damping: float = 0.0,
         rcond: float | None = None,
+        indefinite: str = "abs",
+        regularization: bool = True,
     ) -> None:
-        super().__init__(influence_model, train_dataset, damping)
+        super().__init__(influence_model, train_dataset, damping, regularization)
+        self.rcond = resolve_rcond(rcond, self.n_params)
+        self.indefinite = check_indefinite(indefinite)
+        p = self.n_params
+        check_memory(
+            f"ExactIHVP: the dense Hessian of {p:,} watched parameters and its factor ({p:,} x {p:,} float64, twice)",
+            2 * 8 * p * p,
+            ALTERNATIVES,
+        )
         if train_hessian is not None:
-            hessian = np.asarray(train_hessian, dtype=np.float64)
-            if hessian.shape != (self.n_params, self.n_params):
-                raise InvalidDataError(
-                    f"`train_hessian` must have shape ({self.n_params}, {self.n_params}). "
-                    f"Received shape {hessian.shape}"
-                )
+            hessian = np.array(train_hessian, dtype=np.float64)
+            if hessian.shape != (p, p):
+                raise InvalidDataError(f"`train_hessian` must have shape ({p}, {p}). Received shape {hessian.shape}")
             check_finite("train_hessian", hessian)
             hessian = (hessian + hessian.T) / 2.0
         elif self.train_dataset is not None:
             hessian = mean_hessian(influence_model, self.train_dataset)
         else:
             raise InvalidDataError("ExactIHVP needs `train_dataset` or `train_hessian`. Received neither.")
-        self.rcond = 10.0 * self.n_params * np.finfo(np.float32).eps if rcond is None else float(rcond)
-        self.hessian = hessian + self.damping * np.eye(self.n_params)
-        if self.damping > 0 and self.n_params > SMALL_MATRIX:
-            # A direct inverse costs a fraction of an eigendecomposition (2.4x less at 4,000 rows).
-            inverse = np.linalg.inv(self.hessian)
-            self.inv_hessian = (inverse + inverse.T) / 2.0
+        hessian[np.diag_indices(p)] += self._shift()
+        self._diagonal = np.diag(hessian).copy()
+        self._cholesky = self._try_cholesky(hessian) if p > SMALL_MATRIX else None
+        if self._cholesky is not None:
+            self.spectrum = SpectrumReport(0, 0, p, float("nan"), float("nan"))
+            self._inv32 = self._h32 = None
         else:
+            self.hessian = self._restore(hessian)
             eigenvalues, eigenvectors = self._eigh
-            keep = np.abs(eigenvalues) > self.rcond * np.max(np.abs(eigenvalues), initial=0.0)
-            if self.damping > 0:
-                keep = np.ones_like(keep)
-            inverse = np.where(keep, 1.0 / np.where(keep, eigenvalues, 1.0), 0.0)
-            self.inv_hessian = _matmul_t(eigenvectors * inverse, eigenvectors)
-        self._inv32 = tf.constant(self.inv_hessian, dtype=tf.float32)
-        self._h32 = tf.constant(self.hessian, dtype=tf.float32)
+            inverse, self.spectrum = inverse_eigenvalues(eigenvalues, self.rcond, self.indefinite, "ExactIHVP")
+            self.__dict__["inv_hessian"] = _matmul_t(eigenvectors * inverse, eigenvectors)
+            self._inv32 = tf.constant(self.inv_hessian, dtype=tf.float32)
+            self._h32 = tf.constant(self.hessian, dtype=tf.float32)
+
+    def _try_cholesky(self, hessian: np.ndarray) -> np.ndarray | None:
+        """Factor `hessian` in place (its upper triangle, as `L^T`), and return the factor (a
+        Fortran-ordered view holding `L` in its lower triangle) if `H` is positive definite with
+        every pivot above the singular cut (then no eigenvalue is negative and none is dropped);
+        else None, with the strict lower triangle of `hessian` intact (see `_restore`)."""
+        try:
+            factor, _ = scipy.linalg.cho_factor(hessian.T, lower=True, overwrite_a=True, check_finite=False)
+        except np.linalg.LinAlgError:
+            return None
+        pivots = np.diag(factor) ** 2
+        # Every pivot is >= lambda_min, and max|diag| <= max|lambda|: a pivot under the cut
+        # measured on the diagonal means a direction at least that close to singular.
+        if not np.all(np.isfinite(pivots)) or pivots.min() <= self.rcond * float(np.max(np.abs(self._diagonal))):
+            return None
+        return factor
+
+    def _restore(self, partial: np.ndarray) -> np.ndarray:
+        """`H` from a matrix whose strict lower triangle (C order) and saved diagonal are intact."""
+        lower = np.tril(partial, -1)
+        restored = lower + lower.T
+        restored[np.diag_indices_from(restored)] = self._diagonal
+        return restored
+
+    @functools.cached_property
+    def hessian(self) -> np.ndarray:
+        """`H + damping I` (regularisation included), float64 `(n_params, n_params)`."""
+        assert self._cholesky is not None
+        return self._restore(self._cholesky.T)
 
     @functools.cached_property
     def _eigh(self) -> tuple[np.ndarray, np.ndarray]:
+        p = self.n_params
+        check_memory(f"ExactIHVP: the eigenvectors of the {p:,} x {p:,} Hessian", 2 * 8 * p * p, ALTERNATIVES)
         return symmetric_eigh(self.hessian)
+
+    @functools.cached_property
+    def inv_hessian(self) -> np.ndarray:
+        """`(H + damping I)^-1` (pseudo-inverse as documented), float64 `(n_params, n_params)`."""
+        assert self._cholesky is not None
+        return scipy.linalg.cho_solve((self._cholesky, True), np.eye(self.n_params), check_finite=False)
+
+    @property
+    def n_negative(self) -> int:
+        """Eigenvalues of the damped Hessian below `-rcond * max|lambda|` (0 when Cholesky succeeded)."""
+        return self.spectrum.n_negative
+
+    @property
+    def n_dropped(self) -> int:
+        """Singular directions set to zero in the inverse."""
+        return self.spectrum.n_dropped
 
     @property
     def eigenvalues(self) -> np.ndarray:
-        """Eigenvalues of `H + damping I`, ascending (computed on first use when damped)."""
+        """Eigenvalues of `H + damping I`, ascending (computed on first use above `SMALL_MATRIX`)."""
         return self._eigh[0]
 
     @property
@@ -131,11 +164,33 @@ class ExactIHVP(InverseHessianVectorProduct):
         return self._eigh[1]
 
     def solve(self, vectors: Any) -> tf.Tensor:
-        return tf.matmul(tf.cast(vectors, tf.float32), self._inv32)
+        if self._inv32 is None:
+            return tf.constant(self.solve64(vectors), tf.float32)
+        result = tf.matmul(tf.cast(vectors, tf.float32), self._inv32)
+        if not bool(tf.reduce_all(tf.math.is_finite(result))):
+            self._checked(result.numpy(), "solve")
+        return result
 
     def hvp(self, vectors: Any) -> tf.Tensor:
+        if self._h32 is None:  # H v = L (L^T v), on the factor's triangle
+            columns = np.asfortranarray(self._check_vectors(vectors).T)
+            half = scipy.linalg.blas.dtrmm(1.0, self._cholesky, columns, lower=1, trans_a=1)
+            return tf.constant(scipy.linalg.blas.dtrmm(1.0, self._cholesky, half, lower=1).T, tf.float32)
         return tf.matmul(tf.cast(vectors, tf.float32), self._h32)
 
     def solve64(self, vectors: Any) -> np.ndarray:
-        """`solve` in float64, for oracles and small problems."""
-        return self._check_vectors(vectors) @ self.inv_hessian
+        """`solve` in float64: all rows at once (Cholesky solves, or the kept inverse)."""
+        array = self._check_vectors(vectors)
+        if self._cholesky is None:
+            return self._checked(array @ self.inv_hessian, "solve")
+        solved = scipy.linalg.cho_solve((self._cholesky, True), array.T, check_finite=False).T
+        return self._checked(solved, "solve")
+
+    def quadratic_form(self, vectors: Any) -> np.ndarray:
+        """`v^T H^-1 v` for each row, float64 `(m,)`; with Cholesky `||L^-1 v||^2` (one triangular
+        solve, and >= 0 by construction)."""
+        array = self._check_vectors(vectors)
+        if self._cholesky is None:
+            return np.einsum("ij,ij->i", array @ self.inv_hessian, array)
+        half = scipy.linalg.solve_triangular(self._cholesky, array.T, lower=True, check_finite=False)
+        return self._checked(np.einsum("ij,ij->j", half, half), "quadratic_form")

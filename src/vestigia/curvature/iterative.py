@@ -1,21 +1,36 @@
 """Matrix-free solvers on the training Hessian: conjugate gradient and LiSSA.
 
 Both keep the training set's trunk features in memory (computed once), and apply
-`H v = (1/n) sum_batches HVP(batch, v) + damping v` to all right-hand sides at once, with the
-HVPs vectorised over the batch and over the vectors.
+`H v = (1/n) sum_batches HVP(batch, v) + (damping + r) v` (`r` the model's L2 regularisation)
+to all right-hand sides at once, with the HVPs vectorised over the batch and over the vectors:
+every right-hand side of a call shares each pass over the data.
+
+Both say how far they got: `last_residuals` holds `||(H + damping I) x - v|| / ||v||` per row of
+the last call, and a `ConvergenceWarning` names the rows left above the tolerance.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from vestigia.curvature.base import InverseHessianVectorProduct, summed_hessian_products
-from vestigia.curvature.solvers import conjugate_gradient, lissa
-from vestigia.errors import InvalidDataError, check_non_negative, check_positive_int
+from vestigia.curvature.solvers import conjugate_gradient, lissa, power_iteration, stochastic_lissa
+from vestigia.errors import (
+    ConvergenceWarning,
+    InvalidDataError,
+    NonFiniteError,
+    SpectrumWarning,
+    check_memory,
+    check_non_negative,
+    check_positive_int,
+)
 from vestigia.model.influence_model import BaseInfluenceModel
+
+SOLVER_COPIES = 6  # float64 (m, n_params) arrays alive in a CG / LiSSA call
 
 
 class IterativeIHVP(InverseHessianVectorProduct):
@@ -32,14 +47,16 @@ class IterativeIHVP(InverseHessianVectorProduct):
         train_dataset: Any,
         damping: float = 0.0,
         n_opt_iters: int = 100,
+        regularization: bool = True,
     ) -> None:
         if train_dataset is None:
             raise InvalidDataError("`train_dataset` is required by matrix-free IHVP solvers. Received: None")
-        super().__init__(influence_model, train_dataset, damping)
+        super().__init__(influence_model, train_dataset, damping, regularization)
         self.n_opt_iters = check_positive_int("n_opt_iters", n_opt_iters)
         self._batches = list(influence_model.feature_batches(self.train_dataset, "train_dataset"))
         self.n_train = sum(b.size for b in self._batches)
         self._factors = self._kronecker_factors()
+        self.last_residuals = np.zeros(0)
 
     def _kronecker_factors(self) -> list[tuple[tf.Tensor, tf.Tensor]] | None:
         """Per-batch Kronecker factors of `H` when one `Dense` layer is watched: HVPs then cost
@@ -53,12 +70,45 @@ class IterativeIHVP(InverseHessianVectorProduct):
         return factors
 
     def damped_hvp64(self, vectors: np.ndarray) -> np.ndarray:
-        """`(H + damping I) v` in float64 for each row of `vectors`."""
+        """`(H + damping I) v` in float64 for each row of `vectors` (regularisation included)."""
         summed = summed_hessian_products(self.model, self._batches, vectors, self._factors)
-        return summed / self.n_train + self.damping * vectors
+        return summed / self.n_train + self._shift() * vectors
+
+    def batch_hvp64(self, index: int, vectors: np.ndarray) -> np.ndarray:
+        """`(H_B + damping I) v` with `H_B` the mean Hessian of the `index`-th training batch only."""
+        factors = None if self._factors is None else [self._factors[index]]
+        batch = self._batches[index]
+        summed = summed_hessian_products(self.model, [batch], vectors, factors)
+        return summed / batch.size + self._shift() * vectors
 
     def hvp(self, vectors: Any) -> tf.Tensor:
         return tf.constant(self.damped_hvp64(self._check_vectors(vectors)), dtype=tf.float32)
+
+    def _rhs(self, vectors: Any) -> np.ndarray:
+        array = self._check_vectors(vectors)
+        check_memory(
+            f"{type(self).__name__}.solve on {len(array):,} vectors of {self.n_params:,} parameters",
+            SOLVER_COPIES * array.size * 8,
+            "Pass fewer vectors per call (smaller batches).",
+        )
+        if not np.isfinite(array).all():
+            raise NonFiniteError(f"`vectors` given to {type(self).__name__}.solve hold NaN or Inf.")
+        return array
+
+    def _report(self, rhs: np.ndarray, solution: np.ndarray, tol: float, what: str) -> None:
+        """Store the relative residuals and warn about rows above `tol`."""
+        residual = np.linalg.norm(self.damped_hvp64(solution) - rhs, axis=1)
+        norms = np.linalg.norm(rhs, axis=1)
+        self.last_residuals = residual / np.where(norms > 0, norms, 1.0)
+        short = self.last_residuals > tol
+        if short.any():
+            warnings.warn(
+                f"{type(self).__name__} stopped after {what} with {int(short.sum())} of {len(rhs)} vectors above "
+                f"the tolerance {tol:g} (largest relative residual {self.last_residuals.max():.3g}); the results "
+                "are approximate. Raise `n_opt_iters`, add damping, or use ExactIHVP.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
 
 
 class ConjugateGradientDescentIHVP(IterativeIHVP):
@@ -75,6 +125,12 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
             when started from zero and the vectors lie in the range of `H`.
         tol: relative residual at which a right-hand side stops.
         atol: absolute residual at which a right-hand side stops.
+        regularization: include the watched weights' L2 regularizers in `H` (default True).
+
+    Attributes:
+        last_iterations: iterations of the last call. last_residuals: relative residuals of
+            its rows. A `ConvergenceWarning` names rows left above `tol`; a `SpectrumWarning`
+            rows that met negative curvature (an indefinite `H + damping I`).
     """
 
     def __init__(
@@ -87,36 +143,72 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
         damping: float = 0.0,
         tol: float = 1e-5,
         atol: float = 1e-10,
+        regularization: bool = True,
     ) -> None:
-        super().__init__(influence_model, train_dataset, damping, n_opt_iters)
+        super().__init__(influence_model, train_dataset, damping, n_opt_iters, regularization)
         self.tol = check_non_negative("tol", tol)
         self.atol = check_non_negative("atol", atol)
         self.last_iterations = 0
 
     def solve(self, vectors: Any) -> tf.Tensor:
-        result = conjugate_gradient(
-            self.damped_hvp64, self._check_vectors(vectors), self.n_opt_iters, self.tol, self.atol
-        )
+        rhs = self._rhs(vectors)
+        result = conjugate_gradient(self.damped_hvp64, rhs, self.n_opt_iters, self.tol, self.atol)
         self.last_iterations = result.iterations
-        return tf.constant(result.solution, dtype=tf.float32)
+        norms = np.linalg.norm(rhs, axis=1)
+        self.last_residuals = result.residual_norms / np.where(norms > 0, norms, 1.0)
+        if result.negative_curvature.any():
+            warnings.warn(
+                f"ConjugateGradientDescentIHVP met negative curvature on {int(result.negative_curvature.sum())} of "
+                f"{len(rhs)} vectors: H + damping I is not positive definite (damping={self.damping:g}); those rows "
+                "stopped early. Add damping, or use ExactIHVP, which reports the negative eigenvalues.",
+                SpectrumWarning,
+                stacklevel=2,
+            )
+        elif not result.converged.all():
+            short = ~result.converged
+            warnings.warn(
+                f"ConjugateGradientDescentIHVP stopped at n_opt_iters={self.n_opt_iters} with {int(short.sum())} of "
+                f"{len(rhs)} vectors above tol={self.tol:g} (largest relative residual "
+                f"{self.last_residuals.max():.3g}); the results are approximate. Raise `n_opt_iters`, add damping, "
+                "or use ExactIHVP.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return tf.constant(self._checked(result.solution, "solve"), dtype=tf.float32)
 
 
 class LissaIHVP(IterativeIHVP):
-    """`(H + damping I)^-1 v` by LiSSA on the full-data Hessian, all right-hand sides together.
+    """`(H + damping I)^-1 v` by LiSSA, all right-hand sides together.
 
-    Iterates `x <- v + x - (H + damping I) x / scale` `n_opt_iters` times and returns
-    `x / scale`. It converges when `scale > lambda_max(H) + damping` and `H + damping I` is
-    positive definite. Unlike the seed, whose fixed point is `(H + damping * scale I)^-1`,
-    `damping` here means the same as in every other solver.
+    Full-batch (default): iterates `x <- v + x - (H + damping I) x / scale` `n_opt_iters` times
+    and returns `x / scale`. Stochastic (`depth` given, the form of the paper): each of
+    `repeats` runs does `depth` steps, each with the Hessian of one training batch drawn at
+    random (seeded), and the runs are averaged. It converges when `scale > lambda_max(H) +
+    damping` and `H + damping I` is positive definite. Unlike the seed, whose fixed point is
+    `(H + damping * scale I)^-1`, `damping` here means the same as in every other solver.
+
+    At construction `lambda_max` is estimated by `power_iterations` steps of power iteration
+    (a lower bound): a `scale` at or below it is refused, since the series would diverge (the
+    seed returned all-NaN). After each call, the residual of the result is measured
+    (`last_residuals`) and a `ConvergenceWarning` names rows above `tol`.
 
     Args:
         influence_model: the model and its watched weights.
         extractor_layer: accepted for the seed's signature (the split is automatic).
         train_dataset: batched training data defining `H`.
-        n_opt_iters: number of iterations (one full-data HVP each).
+        n_opt_iters: number of iterations of the full-batch form (one full-data HVP each).
         feature_extractor: accepted for the seed's signature; unused.
         damping: added to `H` (>= 0).
         scale: must exceed the largest eigenvalue of `H + damping I`.
+        tol: relative residual above which a result is reported as approximate.
+        depth: steps per run of the stochastic form (None: full-batch form).
+        repeats: runs averaged by the stochastic form.
+        seed: seed of the stochastic form's batch draws and of the power iteration.
+        power_iterations: steps of the `lambda_max` estimate (0 to skip it).
+        regularization: include the watched weights' L2 regularizers in `H` (default True).
+
+    Raises:
+        ValueError: `scale` not above the estimated `lambda_max`.
     """
 
     def __init__(
@@ -128,12 +220,52 @@ class LissaIHVP(IterativeIHVP):
         feature_extractor: Any = None,
         damping: float = 1e-4,
         scale: float = 10.0,
+        tol: float = 1e-3,
+        depth: int | None = None,
+        repeats: int = 1,
+        seed: int = 0,
+        power_iterations: int = 20,
+        regularization: bool = True,
     ) -> None:
-        super().__init__(influence_model, train_dataset, damping, n_opt_iters)
+        super().__init__(influence_model, train_dataset, damping, n_opt_iters, regularization)
         self.scale = check_non_negative("scale", scale)
         if self.scale == 0:
             raise ValueError(f"`scale` must be > 0. Received: scale={scale!r}")
+        self.tol = check_non_negative("tol", tol)
+        self.depth = None if depth is None else check_positive_int("depth", depth)
+        self.repeats = check_positive_int("repeats", repeats)
+        self.seed = int(seed)
+        self.lambda_max_estimate = float("nan")
+        if power_iterations:
+            steps = check_positive_int("power_iterations", power_iterations)
+            self.lambda_max_estimate = power_iteration(self.damped_hvp64, self.n_params, steps, self.seed)
+            if self.scale <= self.lambda_max_estimate:
+                raise ValueError(
+                    f"`scale` must exceed the largest eigenvalue of H + damping I, estimated at "
+                    f"{self.lambda_max_estimate:.4g} by power iteration (a lower bound); below it LiSSA's series "
+                    f"diverges. Received: scale={scale!r}. Pass scale >= {1.5 * self.lambda_max_estimate:.4g}."
+                )
 
     def solve(self, vectors: Any) -> tf.Tensor:
-        solution = lissa(self.damped_hvp64, self._check_vectors(vectors), self.n_opt_iters, self.scale)
+        rhs = self._rhs(vectors)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.depth is None:
+                solution = lissa(self.damped_hvp64, rhs, self.n_opt_iters, self.scale)
+                what = f"n_opt_iters={self.n_opt_iters} iterations"
+            else:
+                n_batches = len(self._batches)
+
+                def sample(rng: np.random.Generator) -> Any:
+                    index = int(rng.integers(n_batches))
+                    return lambda x: self.batch_hvp64(index, x)
+
+                solution = stochastic_lissa(sample, rhs, self.depth, self.repeats, self.scale, self.seed)
+                what = f"depth={self.depth} x repeats={self.repeats} stochastic steps"
+        if not np.isfinite(solution).all():
+            raise NonFiniteError(
+                f"LissaIHVP diverged (NaN or Inf) with scale={self.scale:g}: the series needs scale above the "
+                f"largest eigenvalue of H + damping I (power-iteration estimate {self.lambda_max_estimate:.4g}, "
+                "a lower bound) and H + damping I positive definite. Raise `scale` or `damping`."
+            )
+        self._report(rhs, solution, self.tol, what)
         return tf.constant(solution, dtype=tf.float32)

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -111,6 +112,9 @@ class HeadDifferentiator:
         self.gradients = trace(self._gradients)
         self.hvp = trace(self._hvp)
         self._kronecker_layer = self._single_dense_layer()
+        self._closed_form = self._kronecker_layer is not None and _softmax_cross_entropy_head(
+            loss_fn, self._kronecker_layer, head
+        )
         self._dense_hessian = trace(self._kronecker_hessian)
         self._dense_factors = trace(self._curvature_factors)
         watched_ids = {id(v) for v in variables}
@@ -144,7 +148,9 @@ class HeadDifferentiator:
                 if tap.layer.use_bias:
                     per_variable[id(tap.layer.bias.value)] = tf.reduce_sum(d, axis=1)
         if self._generic:
-            jacobians = tape.jacobian(losses, self._generic, experimental_use_pfor=True)
+            jacobians = tape.jacobian(
+                losses, self._generic, experimental_use_pfor=True, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
             for v, jac in zip(self._generic, jacobians):
                 per_variable[id(v)] = tf.zeros_like(jac) if jac is None else jac
             del tape
@@ -239,7 +245,26 @@ class HeadDifferentiator:
         """
         if self._kronecker_layer is None:
             return None
+        if self._closed_form and tf.nest.is_nested(features) is False and features.shape.rank == 2:
+            return self._softmax_factors(features, targets, weights)
         return self._dense_factors(features, targets, weights)
+
+    def _softmax_factors(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """`dense_curvature` in closed form for softmax cross-entropy on the layer's logits, eager,
+        float64 (nothing to trace): `M_i = w_i s_i (diag(p_i) - p_i p_i^T)`, `p_i = softmax(z_i)`,
+        `s_i = sum_c y_ic` (1 for one-hot labels)."""
+        layer = self._kronecker_layer
+        a = tf.cast(features, tf.float64)
+        z = tf.matmul(a, tf.cast(layer.kernel.value, tf.float64))
+        if layer.use_bias:
+            z += tf.cast(layer.bias.value, tf.float64)
+        p = tf.nn.softmax(z)
+        scale = tf.cast(weights, tf.float64) * tf.reduce_sum(tf.cast(targets, tf.float64), axis=1)
+        curvature = tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
+        curvature *= scale[:, None, None]
+        if len(self.variables) == 2:
+            a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
+        return a, curvature
 
     def _curvature_factors(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor] | None:
         layer = self._kronecker_layer
@@ -268,3 +293,14 @@ class HeadDifferentiator:
         blocks = tf.matmul(outer_a, tf.reshape(curvature, [-1, n_out * n_out]), transpose_a=True)
         blocks = tf.transpose(tf.reshape(blocks, [n_in, n_in, n_out, n_out]), [0, 2, 1, 3])
         return tf.reshape(blocks, [n_in * n_out, n_in * n_out])
+
+
+def _softmax_cross_entropy_head(loss_fn: Any, layer: Any, head: Head) -> bool:
+    """True when the head is exactly `layer`, linear, under Keras' categorical cross-entropy on
+    logits with no label smoothing: its curvature then has the closed form of `_softmax_factors`."""
+    if type(loss_fn) is not keras.losses.CategoricalCrossentropy or head.layers != [layer]:
+        return False
+    config = loss_fn.get_config()
+    if not config.get("from_logits") or config.get("label_smoothing", 0.0) or config.get("axis", -1) not in (-1, 1):
+        return False
+    return keras.activations.serialize(layer.activation) == "linear"

@@ -14,7 +14,7 @@ test vector `G g_test`. With `k = subspace_dim = n_params` it equals exact first
 Differences from the seed: the `k` LARGEST-magnitude eigenvalues are kept (the seed keeps the
 smallest), the start vector is seeded, the Krylov basis is float64, the HVPs run on cached
 trunk features in batches, and eigenvalues below the pseudo-inverse cut-off give zero instead
-of an infinite `1/lambda`.
+of an infinite `1/lambda`; only singular eigenvalues are cut (`rcond`, reported in `n_dropped`).
 """
 
 from __future__ import annotations
@@ -44,10 +44,15 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         dtype: float dtype of the projections and of the returned vectors.
         seed: seed of the Arnoldi start vector; equal seeds give equal results.
         damping: added to `H` before the iteration (>= 0; default 0 as in the seed).
+        rcond: relative cut-off of singular eigenvalues (`|lambda| <= rcond * max|lambda|` are
+            dropped and counted in `n_dropped`); default `10 sqrt(n_params) eps(float32)`.
+        indefinite: negative eigenvalues: "abs" (default, invert `|lambda|`), "signed", "raise".
+        regularization: include the watched weights' L2 regularizers in `H` (default True).
 
     Attributes:
         ihvp_calculator: the `ArnoldiIHVP` (usable as a low-rank solver elsewhere).
         eigenvalues: `(k,)` float64, decreasing magnitude. projections: `G`, `(k, n_params)` float64.
+        n_dropped: eigenpairs dropped as singular.
     """
 
     def __init__(
@@ -60,6 +65,9 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         dtype: tf.DType = tf.float32,
         seed: int = 0,
         damping: float = 0.0,
+        rcond: float | None = None,
+        indefinite: str = "abs",
+        regularization: bool = True,
     ) -> None:
         if not isinstance(model, BaseInfluenceModel):
             raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
@@ -78,7 +86,11 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
             force_hermitian=force_hermitian,
             damping=damping,
             seed=seed,
+            rcond=rcond,
+            indefinite=indefinite,
+            regularization=regularization,
         )
+        self.n_dropped = self.ihvp_calculator.n_dropped
         self.eigenvalues = self.ihvp_calculator.eigenvalues
         self.projections = self.ihvp_calculator.projections
         self._projection_t = tf.constant(self.projections.T, dtype=dtype)

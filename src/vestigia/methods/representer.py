@@ -1,7 +1,10 @@
 """Representer points: what RPS-L2 and RPS-LJE share.
 
-Both methods explain a classifier whose last layer is a `Dense` without bias, mapping the
-features `f` (its input, shape `(d,)`) to the logits `Phi = f^T W` (`W` of shape `(d, C)`).
+Both methods explain a classifier whose last layer is a `Dense`, mapping the features `f` (its
+input, shape `(d,)`) to the logits `Phi = f^T W` (`W` of shape `(d, C)`). A layer with a bias
+`b` is handled by folding the bias into the features as a constant input: `f <- [f, 1]`,
+`W <- [W; b]` (`d + 1` rows), so that `Phi = f^T W` holds exactly and everything below applies
+unchanged (for RPS-L2 the surrogate's bias is then regularised like its kernel rows).
 Each writes a last-layer kernel as a sum of one contribution `W_i` per training example,
 `W = sum_i W_i`, so that every logit decomposes over the training set:
 
@@ -55,7 +58,7 @@ class FeatureArrays(NamedTuple):
 
 
 def resolve_last_dense(model: keras.Model, layer: int | str, name: str) -> int:
-    """Index in `model.layers` of the bias-free `Dense` whose kernel the representer methods use.
+    """Index in `model.layers` of the `Dense` whose kernel (and bias) the representer methods use.
 
     It must be the model's last layer with weights (layers after it, such as an `Activation`,
     hold none) and map `(batch, d)` features to `(batch, C)`. `layer` may designate it, the layer
@@ -63,8 +66,8 @@ def resolve_last_dense(model: keras.Model, layer: int | str, name: str) -> int:
     layer after it (the seed's `target_layer=-1` on a model ending with an activation layer).
 
     Raises:
-        InvalidModelError: `layer` designates another layer, or the layer is not a bias-free
-            `Dense` on rank-2 features.
+        InvalidModelError: `layer` designates another layer, or the layer is not a `Dense` on
+            rank-2 features.
     """
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"`model` must be a Keras 3 model. Received: {type(model).__name__}")
@@ -83,13 +86,8 @@ def resolve_last_dense(model: keras.Model, layer: int | str, name: str) -> int:
     dense = layers[last]
     if not isinstance(dense, keras.layers.Dense):
         raise InvalidModelError(
-            "The model's last layer with weights must be a Dense layer with no bias for representer points. "
+            "The model's last layer with weights must be a Dense layer for representer points. "
             f"Received: {type(dense).__name__} {dense.name!r}"
-        )
-    if dense.use_bias:
-        raise InvalidModelError(
-            "The model's last Dense layer must have no bias (create it with `use_bias=False`): the representer "
-            f"decomposition writes the logits as `f^T W`. Received: {dense.name!r} with use_bias=True"
         )
     try:
         shape = tuple(dense.input.shape)
@@ -123,15 +121,18 @@ class RepresenterPointCalculator(BaseInfluenceCalculator):
     here.
 
     Args:
-        model: a built Keras 3 classifier whose last layer with weights is a `Dense` without bias.
+        model: a built Keras 3 classifier whose last layer with weights is a `Dense` (with or
+            without bias).
         layer: the index or name designating that layer (see `resolve_last_dense`).
         layer_argument: the name of the argument `layer` came from, for error messages.
         loss_function: the model's unreduced loss, `loss(y_true, y_pred) -> (batch,)`.
         process_batch_for_loss_fn: maps a dataset element to `(inputs, y_true, sample_weight)`.
 
     Attributes:
-        kernel: the model's last-layer kernel `W` at construction, float64 `(d, C)`.
-        split: the `InfluenceModel` watching that kernel; its trunk computes the features.
+        kernel: the model's last-layer kernel `W` at construction, float64 `(d, C)`, with the
+            bias as a last row `(d + 1, C)` when the layer has one. n_inputs: the layer's input
+            width `d`; `n_features` is `d + 1` with a bias.
+        split: the `InfluenceModel` watching that layer; its trunk computes the features.
     """
 
     def __init__(
@@ -154,16 +155,26 @@ class RepresenterPointCalculator(BaseInfluenceCalculator):
         self.process_batch_for_loss_fn = process_batch_for_loss_fn
         self.dense = model.layers[self.target_layer_index]
         self.kernel = np.asarray(self.dense.kernel.numpy(), dtype=np.float64)
+        self.n_inputs = self.kernel.shape[0]
+        if self.dense.use_bias:
+            self.kernel = np.vstack([self.kernel, np.asarray(self.dense.bias.numpy(), np.float64)[None, :]])
         self.n_features, self.n_classes = self.kernel.shape
         self._kernel32 = tf.constant(self.kernel, tf.float32)
 
     # -- features ------------------------------------------------------------------------------
 
+    def _with_constant(self, features: tf.Tensor) -> tf.Tensor:
+        """`[f, 1]` when the layer has a bias (float32 `(batch, n_features)`), else `f`."""
+        features = tf.cast(tf.reshape(features, [-1, self.n_inputs]), tf.float32)
+        if self.n_features == self.n_inputs:
+            return features
+        return tf.concat([features, tf.ones_like(features[:, :1])], axis=1)
+
     def _feature_batch(self, batch: Batch) -> FeatureBatch:
-        """The batch after the trunk: features `(batch, d)` float32, targets, weights `(batch,)`."""
+        """The batch after the trunk: features `(batch, n_features)` float32 (the constant 1 last
+        when the layer has a bias), targets, weights `(batch,)`."""
         fb = self.split.features_of(batch)
-        features = tf.cast(tf.reshape(fb.features, [fb.size, self.n_features]), tf.float32)
-        return FeatureBatch(features, fb.targets, tf.cast(fb.weights, tf.float32), fb.size)
+        return FeatureBatch(self._with_constant(fb.features), fb.targets, tf.cast(fb.weights, tf.float32), fb.size)
 
     def feature_arrays(self, dataset: Any, name: str = "train_set") -> FeatureArrays:
         """Features, targets and weights of a whole dataset, in order (float64 features and weights).
@@ -185,7 +196,7 @@ class RepresenterPointCalculator(BaseInfluenceCalculator):
 
     def _features_of_inputs(self, inputs: Any) -> tf.Tensor:
         features = self.split._trunk(inputs) if self.split._trunk_model is not None else inputs
-        return tf.cast(tf.reshape(features, [-1, self.n_features]), tf.float32)
+        return self._with_constant(features)
 
     # -- the kernel values ---------------------------------------------------------------------
 

@@ -166,7 +166,8 @@ class RepresenterPointL2(RepresenterPointCalculator):
     logit of the class predicted for `t`; self-influence `|alpha_i[c_i]| ||f_i||^2`.
 
     Args:
-        model: a built Keras 3 classifier whose last layer with weights is a `Dense` without bias.
+        model: a built Keras 3 classifier whose last layer with weights is a `Dense` (a bias is folded
+            into the features as a constant input, see `vestigia.methods.representer`).
         train_set: the batched training data (or `(x, y[, w])` arrays): `n` is its size.
         loss_function: the model's unreduced training loss (checked; the surrogate uses
             `surrogate_loss`).
@@ -187,7 +188,7 @@ class RepresenterPointL2(RepresenterPointCalculator):
             `SurrogateFit`. n_train: `n`.
 
     Raises:
-        InvalidModelError: no bias-free last `Dense`, or a reduced loss.
+        InvalidModelError: no last `Dense`, or a reduced loss.
         ValueError: `lambda_regularization <= 0`, `scaling_factor` outside (0, 1), unknown
             `surrogate_loss` or `targets`.
     """

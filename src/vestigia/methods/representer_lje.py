@@ -49,11 +49,14 @@ from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch, Inf
 
 
 def perturbed_head(dense: keras.layers.Dense, post_layers: list[keras.layers.Layer], kernel: np.ndarray) -> keras.Model:
-    """A copy of the last `Dense` (and the weightless layers after it) with kernel `kernel`,
-    taking the features `(batch, d)` as inputs."""
+    """A copy of the last `Dense` (and the weightless layers after it) with kernel `kernel`
+    (its last row the bias when the layer has one), taking the features `(batch, d)` as inputs."""
     layers = [type(layer).from_config(layer.get_config()) for layer in [dense, *post_layers]]
-    head = keras.Sequential([keras.Input((kernel.shape[0],)), *layers])
-    layers[0].kernel.assign(kernel.astype(layers[0].kernel.dtype))
+    n_inputs = int(dense.kernel.shape[0])
+    head = keras.Sequential([keras.Input((n_inputs,)), *layers])
+    layers[0].kernel.assign(kernel[:n_inputs].astype(layers[0].kernel.dtype))
+    if dense.use_bias:
+        layers[0].bias.assign(kernel[n_inputs].astype(layers[0].bias.dtype))
     return head
 
 
@@ -73,7 +76,7 @@ class RepresenterPointLJE(RepresenterPointCalculator):
             seed's third argument, `ihvp_calculator_factory`, is also accepted by keyword). An
             instance is used as is: it must hold the Hessian of the last layer at `W_0`.
         n_samples_for_hessian: build `H_0` (and take the ascent step) on this many examples.
-        target_layer: the last `Dense` layer without bias (default -1), or a weightless layer
+        target_layer: the last `Dense` layer, with or without bias (default -1), or a weightless layer
             after it (e.g. an `Activation`), or the layer feeding it.
         shuffle_buffer_size: shuffle buffer used to draw the Hessian examples.
         epsilon: accepted for the seed's signature; unused (nothing is divided by the features).
@@ -88,7 +91,7 @@ class RepresenterPointLJE(RepresenterPointCalculator):
 
     Raises:
         TypeError: `influence_model` is not an `InfluenceModel`.
-        InvalidModelError: no bias-free last `Dense`, or layers after it that do not form a chain.
+        InvalidModelError: no last `Dense`, or layers after it that do not form a chain.
     """
 
     def __init__(
@@ -130,7 +133,7 @@ class RepresenterPointLJE(RepresenterPointCalculator):
             n_hessian if n_samples_for_hessian is None else dataset_size(data_set, self.process_batch_for_loss_fn)
         )
         features = tf.data.Dataset.from_tensor_slices(
-            (data.features.astype(np.float32), data.targets, data.weights.astype(np.float32))
+            (data.features[:, : self.n_inputs].astype(np.float32), data.targets, data.weights.astype(np.float32))
         ).batch(max(data.batch_sizes))
         summed = np.zeros(self.kernel.size)
         for f, y, w in features:
@@ -155,7 +158,8 @@ class RepresenterPointLJE(RepresenterPointCalculator):
 
     def _head_gradients(self, batch: FeatureBatch) -> tf.Tensor:
         """`g_i = w_i grad l_i(W_0)`, `(batch, d * C)`."""
-        head_batch = self.head_model.features_of(Batch(batch.features, batch.targets, batch.weights, batch.size))
+        inputs = batch.features[:, : self.n_inputs]
+        head_batch = self.head_model.features_of(Batch(inputs, batch.targets, batch.weights, batch.size))
         return self.head_model.batch_losses_and_gradients(head_batch)[1]
 
     def _contributions(self, batch: FeatureBatch) -> tf.Tensor:
