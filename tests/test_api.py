@@ -27,6 +27,7 @@ PUBLIC = [
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
+    "TRAK",
     "TopK",
     "TracIn",
     "WeightsBoundaryCalculator",

@@ -22,6 +22,7 @@ from vestigia.methods import (
     SampleBoundaryCalculator,
     SecondOrderInfluenceCalculator,
     SelfInfluenceCalculator,
+    TRAK,
     TracIn,
     WeightsBoundaryCalculator,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
+    "TRAK",
     "TopK",
     "TracIn",
     "WeightsBoundaryCalculator",

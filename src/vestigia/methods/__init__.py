@@ -9,6 +9,7 @@ from vestigia.methods.representer_l2 import RepresenterPointL2
 from vestigia.methods.representer_lje import RepresenterPointLJE
 from vestigia.methods.second_order import SecondOrderInfluenceCalculator
 from vestigia.methods.tracin import TracIn
+from vestigia.methods.trak import TRAK
 
 __all__ = [
     "ArnoldiInfluenceCalculator",
@@ -20,6 +21,7 @@ __all__ = [
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
+    "TRAK",
     "TracIn",
     "WeightsBoundaryCalculator",
 ]
