@@ -14,15 +14,18 @@ from vestigia.curvature import (
 from vestigia.data import default_process_batch
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.methods import (
+    TRAK,
     ArnoldiInfluenceCalculator,
     BaseInfluenceCalculator,
+    DataInf,
     FirstOrderInfluenceCalculator,
+    GradCos,
+    GradDot,
     RepresenterPointL2,
     RepresenterPointLJE,
     SampleBoundaryCalculator,
     SecondOrderInfluenceCalculator,
     SelfInfluenceCalculator,
-    TRAK,
     TracIn,
     WeightsBoundaryCalculator,
 )
@@ -38,8 +41,11 @@ __all__ = [
     "BaseInfluenceModel",
     "CACHE",
     "ConjugateGradientDescentIHVP",
+    "DataInf",
     "ExactIHVP",
     "FirstOrderInfluenceCalculator",
+    "GradCos",
+    "GradDot",
     "IHVPCalculator",
     "InfluenceModel",
     "InvalidDataError",
