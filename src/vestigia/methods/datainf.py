@@ -108,7 +108,7 @@ class DataInf(BaseInfluenceCalculator):
             n += batch.size
         if n == 0:
             raise InvalidDataError("`train_set` is empty.")
-        dampings = [self.damping_scale * s / (n * w) for s, (_, w) in zip(sums, self.blocks)]
+        dampings = [float(self.damping_scale * s / (n * w)) for s, (_, w) in zip(sums, self.blocks)]
         for (name, _), damping in zip(self.blocks, dampings):
             if damping <= 0:
                 raise InvalidDataError(
