@@ -4,7 +4,7 @@ Featurising = the per-example projected margin gradients of every training examp
 checkpoint (`TRAK.featurize`). Two projections: LoGra's `FactoredProjection` (per layer
 `k_in x k_out`, never forms the per-example gradient) and the dense `RandomProjection` to
 `k = 2048` (forms `(batch, n_params)` gradients, then `R` block by block; timed on a few
-examples and scaled to the epoch). Both are checked against the full gradients on 8 examples:
+batches and scaled to the epoch). Both are checked against the full gradients on 8 examples:
 projected inner products against exact ones (relative error of the Gram matrix).
 
     python benchmarks/projection_speed.py                 # reduced: 2,000 images, ~0.1M params
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--k-factor", type=int, default=14, help="k_in = k_out of the factored projection")
-    parser.add_argument("--dense-examples", type=int, default=16, help="examples timed for the dense projection")
+    parser.add_argument("--dense-batches", type=int, default=3, help="batches timed for the dense projection")
     args = parser.parse_args()
     print(machine())
     keras.utils.set_random_seed(0)
@@ -77,16 +77,16 @@ def main() -> None:
     logra = time.perf_counter() - start
     print(f"TRAK featurisation, LoGra k={factored.k}: {logra:.1f} s = {logra / epoch:.2f} epochs")
 
-    # The dense path forms full per-example gradients of the whole CNN (InfluenceModel's
-    # vectorised autodiff): about 10 GiB for a batch of 128 here, so it is timed on a few examples.
-    few = tf.data.Dataset.from_tensor_slices((x[: args.dense_examples], y[: args.dense_examples])).batch(8)
-    dense = TRAK(watched, few.take(1), projection="rademacher", projection_dim=min(2048, watched.nb_params))
+    # The dense path forms the full per-example gradients (from the capture pass), then `R`.
+    dense = TRAK(watched, small, projection="rademacher", projection_dim=min(2048, watched.nb_params))
+    few = data.take(args.dense_batches)
     start = time.perf_counter()
     dense.featurize(few)
-    per_example = (time.perf_counter() - start) / args.dense_examples
+    per_batch = (time.perf_counter() - start) / args.dense_batches
+    n_batches = -(-args.n_train // args.batch_size)
     print(
-        f"TRAK featurisation, dense k=2048: {per_example * 1000:.0f} ms per example -> "
-        f"{per_example * args.n_train / epoch:.1f} epochs (timed on {args.dense_examples} examples)"
+        f"TRAK featurisation, dense k=2048: {per_batch:.2f} s per batch -> "
+        f"{per_batch * n_batches / epoch:.2f} epochs (timed on {args.dense_batches} batches)"
     )
 
     # Check: projected inner products against the full per-example margin gradients.

@@ -56,9 +56,3 @@ def projected_gradients(model: BaseInfluenceModel, batch: Batch, projection: Any
         return projection.project_batch(model, batch)
     losses, grads = example_gradients(model, batch)
     return losses, grads if projection is None else projection(grads)
-
-
-def feature_blocks(projection: Any, model: BaseInfluenceModel) -> list[int]:
-    """Widths of the independent blocks of the features (one per layer for per-layer projections)."""
-    blocks = getattr(projection, "output_blocks", None)
-    return list(blocks) if blocks is not None else [model.nb_params]
