@@ -34,6 +34,7 @@ from vestigia.data.dataset import (
     to_batched_dataset,
 )
 from vestigia.errors import InvalidDataError, check_positive_int
+from vestigia.methods.score_checks import check_finite_block, check_finite_values, within_memory
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
 
@@ -73,13 +74,17 @@ class SelfInfluenceCalculator(ABC):
     def _self_influence(self, batch: Batch) -> np.ndarray:
         """Self-influence of each example of a raw batch, shape `(batch,)`."""
 
+    def _checked_values(self, batch: Batch) -> np.ndarray:
+        """`_self_influence(batch)`, raising `NonFiniteError` if a value is NaN or Inf."""
+        return check_finite_values(np.asarray(self._self_influence(batch)), batch, "self-influence")
+
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
         return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
 
     def self_influence(self, train_set: Any, device: str | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order."""
         with _device(device):
-            values = [np.asarray(self._self_influence(b), np.float32) for b in self._batches(train_set, "train_set")]
+            values = [np.asarray(self._checked_values(b), np.float32) for b in self._batches(train_set, "train_set")]
         return np.concatenate(values)
 
     def compute_influence_values(self, train_set: Any, device: str | None = None) -> tf.data.Dataset:
@@ -88,7 +93,7 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             values, sizes = [], []
             for batch in self._batches(train_set, "train_set"):
-                values.append(np.asarray(self._self_influence(batch), np.float32))
+                values.append(np.asarray(self._checked_values(batch), np.float32))
                 sizes.append(batch.size)
         return tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
 
@@ -106,7 +111,7 @@ class SelfInfluenceCalculator(ABC):
         train_set = as_batched_dataset(train_set, "train_set")
         stream = StreamingTopK(1, k, order)
         for batch in self._batches(train_set, "train_set"):
-            stream.add(np.asarray(self._self_influence(batch))[None, :])
+            stream.add(self._checked_values(batch)[None, :])
         _check_k(k, stream.seen, "training examples")
         values, indices = stream.result()
         samples = select_samples(train_set, indices[0], self.process_batch_for_loss_fn)
@@ -165,13 +170,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             for c, test_side in enumerate(test_sides):
                 scores = self._pair(test_side, self._score_train_side(batch, c), c)
                 block = scores if block is None else block + scores
-            yield np.asarray(block)
+            yield check_finite_block(np.asarray(block), batch)
 
     def influence_matrix(self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None) -> np.ndarray:
         """All pairwise values `(n_test, n_train)`: `values[t, i]` is the influence of training
         example `i` on test example `t` (positive: proponent)."""
         with _device(device):
-            return np.concatenate(list(self.score_blocks(dataset_to_evaluate, train_set)), axis=1)
+            blocks = within_memory(self.score_blocks(dataset_to_evaluate, train_set), train_set, "influence_matrix")
+            return np.concatenate(list(blocks), axis=1)
 
     def top_k_indices(
         self,
@@ -284,7 +290,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
             else:
                 test_sides, test_sizes = self._test_sides(test_set)
-                blocks = list(self._blocks_against(test_sides, train_set))
+                blocks = list(within_memory(self._blocks_against(test_sides, train_set), train_set, "the values"))
                 values, train_sizes = np.concatenate(blocks, axis=1), [b.shape[1] for b in blocks]
         offsets = np.concatenate([[0], np.cumsum(test_sizes)])
         outer = None
