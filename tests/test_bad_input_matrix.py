@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import re
+import signal
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning:numpy.*")
 
 VALUE_RTOL = 1e-4  # float32 gradients against a float64 closed form, relative to the largest value
 DAMPING = 0.1
+HANG_SECONDS = 60  # every case finishes in a few seconds; this only stops a hang
 N, D, C = 30, 5, 3
 
 
@@ -158,6 +160,14 @@ def _float32_copy_of_a_mixed_model() -> None:
     grads = _model(model=float32_copy(mixed), start_layer=0, last_layer=1).batch_jacobian(_ds(x, y)).numpy()
     expected = _model(model=reference, start_layer=0, last_layer=1).batch_jacobian(_ds(x, y)).numpy()
     np.testing.assert_allclose(grads, expected, rtol=1e-6, atol=1e-7)
+
+
+def _float64_inputs_to_a_fully_watched_model() -> None:
+    """NumPy's default float64 inputs, head starting at the first layer: same gradients as float32."""
+    x, y = _data()
+    model = _model(start_layer=0, last_layer=1)
+    expected = model.batch_jacobian(_ds(x, y)).numpy()
+    np.testing.assert_array_equal(model.batch_jacobian(_ds(x.astype("float64"), y)).numpy(), expected)
 
 
 def _sparse_labels(bad: int) -> None:
@@ -403,6 +413,7 @@ NEW = {
         r"dtype policy 'mixed_float16'.*`vestigia.model.float32_copy\(model\)`",
     ),
     "mixed_float16 model copied to float32": Case(_float32_copy_of_a_mixed_model, None),
+    "float64 inputs to a fully watched model": Case(_float64_inputs_to_a_fully_watched_model, None),
     "sparse label above the number of classes": Case(
         lambda: _sparse_labels(7),
         InvalidDataError,
@@ -422,13 +433,26 @@ NEW = {
 }
 
 
+class _Hang(BaseException):
+    """Raised by the alarm: a case ran past `HANG_SECONDS` (an infinite dataset used to hang)."""
+
+
 def _run(case: Case) -> None:
-    if case.error is None:
-        case.action()
-        return
-    with pytest.raises(case.error) as info:
-        case.action()
-    assert re.search(case.match, str(info.value), re.S), f"message: {info.value}"
+    def hang(*_: Any) -> None:
+        raise _Hang(f"still running after {HANG_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(HANG_SECONDS)
+    try:
+        if case.error is None:
+            case.action()
+            return
+        with pytest.raises(case.error) as info:
+            case.action()
+        assert re.search(case.match, str(info.value), re.S), f"message: {info.value}"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("name", list(HANDLED))

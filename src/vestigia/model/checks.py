@@ -42,7 +42,7 @@ def check_model_weights(model: keras.Model, watched: list[Any]) -> None:
         if bad.size:
             role = "watched" if id(v) in watched_ids else "not watched (trunk or frozen)"
             raise NonFiniteError(
-                f"`model` weight {v.path!r} ({role}) holds {len(bad)} NaN or Inf value(s), first at index "
+                f"`model`: model weight {v.path!r} ({role}) holds {len(bad)} NaN or Inf value(s), first at index "
                 f"{tuple(int(i) for i in bad[0])} (value {values[tuple(bad[0])]}). Every score would be "
                 "wrong: reload the weights from a checkpoint saved before training diverged."
             )

@@ -147,9 +147,16 @@ class BaseInfluenceModel:
         return self.model(inputs, training=False)
 
     def _run_trunk(self, inputs: Any) -> Any:
+        inputs = tf.nest.map_structure(self._autocast, inputs)
         if self._trunk_model is None:
             return inputs
         return self._trunk_model(inputs, training=False)
+
+    def _autocast(self, tensor: Any) -> Any:
+        """Floating inputs in the model's compute dtype, as Keras layers cast them (float64 NumPy
+        data must not reach a head computed explicitly)."""
+        dtype = tf.as_dtype(self.model.compute_dtype)
+        return tf.cast(tensor, dtype) if tf.as_dtype(tensor.dtype).is_floating and tensor.dtype != dtype else tensor
 
     def _run_checked_trunk(self, inputs: Any) -> tuple[Any, tf.Tensor]:
         """Trunk features and one flag: are the floating inputs and the features all finite."""
