@@ -1,8 +1,11 @@
 """The bad-input matrix: one test per kind of bad input, each asserting the exact error type and a
 phrase of its message, or the correct value against an independent oracle.
 
-`HANDLED` holds the cases that already gave a clear error before issue 7; `NEW` the cases that
-gave a wrong number, a hang or an unhelpful crash (issue 7), each named after the issue's item.
+`HANDLED` holds the cases that already gave a clear error or the correct value before issue 7
+(among them the documented ways around issue 7's cases: a dataset shuffled once, a loss over
+all outputs of a model, a saturating trunk); `NEW` the cases that gave a wrong number, a hang or
+an unhelpful crash (issue 7), each named after the issue's item; each of them fails on the code
+before issue 7.
 Curvature cases (spectrum, solver residuals, Hessian memory) and the CLI's output folder are
 tested with the curvature solvers and the CLI.
 
@@ -201,6 +204,9 @@ def _relu_calculator() -> FirstOrderInfluenceCalculator:
     return FirstOrderInfluenceCalculator(_model(model=model, start_layer=-1), _data(), "exact", damping=DAMPING)
 
 
+_NOISE = tf.random.Generator.from_seed(1)  # its state advances from one pass to the next
+
+
 def _memory_limited(action: Callable[[], Any]) -> Callable[[], Any]:
     def run() -> Any:
         with pytest.MonkeyPatch.context() as patch:
@@ -345,6 +351,9 @@ HANDLED = {
         NonFiniteError,
         r"`train_set`.*labels",
     ),
+    "finite 1e30 input through a saturating trunk": Case(_huge_input_saturates_to_the_oracle, None),
+    "dataset shuffled once": Case(_fixed_shuffle_matches_the_shuffled_arrays, None),
+    "two-output model with a loss over both outputs": Case(_multi_output_loss_over_all_outputs, None),
     "NaN in a watched weight": Case(lambda: _model(model=_nan_weighted(-1), start_layer=-1), NonFiniteError, r"weight"),
 }
 
@@ -388,13 +397,16 @@ NEW = {
         NonFiniteError,
         r"score of `dataset_to_evaluate` example 9 against `train_set` example 9 \(training batch 1, column 1\) is",
     ),
-    "finite 1e30 input through a saturating trunk": Case(_huge_input_saturates_to_the_oracle, None),
     "dataset reshuffled at every pass": Case(
         lambda: _self_influence(tf.data.Dataset.from_tensor_slices((x_, y_)).shuffle(N, seed=1).batch(8)),
         InvalidDataError,
         r"`train_set` changes between passes.*reshuffle_each_iteration=False",
     ),
-    "dataset shuffled once": Case(_fixed_shuffle_matches_the_shuffled_arrays, None),
+    "random augmentation in a .map": Case(
+        lambda: _self_influence(_ds(x_, y_).map(lambda a, b: (a + _NOISE.uniform(tf.shape(a)), b))),
+        InvalidDataError,
+        r"`train_set` changes between passes: batch 0 differs between two iterations",
+    ),
     "infinite dataset (.repeat())": Case(
         lambda: _self_influence(_ds(x_, y_).repeat()), InvalidDataError, r"`train_set` is infinite.*`.repeat\(\)`"
     ),
@@ -406,7 +418,6 @@ NEW = {
         InvalidModelError,
         r"failed on the model's 2 outputs \['classes', 'sign'\].*keras.Model\(model.inputs, model.outputs\[0\]\)",
     ),
-    "two-output model with a loss over both outputs": Case(_multi_output_loss_over_all_outputs, None),
     "mixed_float16 model": Case(
         lambda: _model(model=_mixed_model(), start_layer=-1),
         InvalidModelError,
@@ -424,6 +435,11 @@ NEW = {
         _memory_limited(lambda: _matrix((x_, y_))),
         MemoryError,
         r"influence_matrix \(30 x 30 float32, with its blocks\) needs 0.00 GiB.*`top_k_indices",
+    ),
+    "influence matrix larger than memory, length unknown": Case(
+        _memory_limited(lambda: _matrix((x_, y_), _ds(x_, y_).filter(lambda a, b: True))),
+        MemoryError,
+        r"influence_matrix \(30 x >= 16 float32, with its blocks\)",
     ),
     "influence matrix of 10^9 columns": Case(
         lambda: _matrix((x_, y_), _huge_train_set()),

@@ -7,9 +7,12 @@ reads the training set several times (curvature, then scores). A dataset that is
 augmentation in a `.map`) would silently scramble the results. Both are refused:
 
 * infinite: `dataset.cardinality()` is `INFINITE` (known without iterating);
+* reshuffled: the dataset's graph holds a shuffle with `reshuffle_each_iteration=True`
+  (read from its serialized graph, no data read);
 * order: the first `FINGERPRINT_BATCHES` batches are read twice, from two fresh iterators,
-  and their bytes compared. Costs two reads of those batches (and of a shuffle buffer in
-  front of them), once per dataset object.
+  and their bytes compared (catches random augmentation and generators). Costs two reads of
+  those batches, once per dataset object. Skipped when the pipeline holds a `.cache()`, whose
+  partial reads TensorFlow discards with a warning.
 
 The documented fix is to shuffle once (`reshuffle_each_iteration=False`) or to shuffle the
 arrays before building the dataset; Vestigia does not materialise a copy in a fixed order
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -27,6 +31,14 @@ import tensorflow as tf
 from vestigia.errors import InvalidDataError
 
 FINGERPRINT_BATCHES = 2
+
+_RESHUFFLING = (
+    "ShuffleDataset",
+    "ShuffleDatasetV2",
+    "ShuffleDatasetV3",
+    "ShuffleAndRepeatDataset",
+    "ShuffleAndRepeatDatasetV2",
+)
 
 _checked: weakref.WeakKeyDictionary[tf.data.Dataset, bool] = weakref.WeakKeyDictionary()
 
@@ -54,18 +66,39 @@ def check_finite_length(dataset: tf.data.Dataset, name: str) -> None:
         )
 
 
+def _pipeline(dataset: tf.data.Dataset) -> list[Any] | None:
+    """The nodes of the dataset's graph, or None if TensorFlow cannot serialize it."""
+    try:
+        graph = tf.compat.v1.GraphDef()
+        graph.ParseFromString(dataset._as_serialized_graph().numpy())
+    except Exception:  # noqa: BLE001 - a private API: without it, the fingerprint alone decides
+        return None
+    return list(graph.node)
+
+
+def _refuse_reshuffling(name: str, what: str) -> InvalidDataError:
+    return InvalidDataError(
+        f"`{name}` changes between passes: {what}, so the returned indices, samples and score columns "
+        "would not match the data. Shuffle once, with `shuffle(buffer, seed=..., reshuffle_each_iteration="
+        "False)`, or shuffle the arrays before building the dataset; avoid random augmentation."
+    )
+
+
 def check_stable_order(dataset: tf.data.Dataset, name: str) -> None:
-    """Raise `InvalidDataError` if two passes over `dataset` give different first batches."""
+    """Raise `InvalidDataError` if `dataset` is reshuffled at every pass, or if two passes give
+    different first batches."""
+    nodes = _pipeline(dataset)
+    for node in nodes or []:
+        if node.op in _RESHUFFLING and node.attr["reshuffle_each_iteration"].b:
+            raise _refuse_reshuffling(
+                name, "it holds `shuffle(...)` with `reshuffle_each_iteration=True` (the default)"
+            )
+    if nodes is not None and any(node.op.startswith("CacheDataset") for node in nodes):
+        return
     first, second = _fingerprint(dataset, FINGERPRINT_BATCHES), _fingerprint(dataset, FINGERPRINT_BATCHES)
     if first != second:
         changed = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
-        raise InvalidDataError(
-            f"`{name}` changes between passes: batch {changed} differs between two iterations, so "
-            "the returned indices, samples and score columns would not match the data. This comes "
-            "from `shuffle(...)` (whose `reshuffle_each_iteration` defaults to True) or from random "
-            "augmentation. Shuffle once, with `shuffle(buffer, seed=..., reshuffle_each_iteration="
-            "False)`, or shuffle the arrays before building the dataset."
-        )
+        raise _refuse_reshuffling(name, f"batch {changed} differs between two iterations (random augmentation?)")
 
 
 def check_dataset(dataset: tf.data.Dataset, name: str) -> None:
