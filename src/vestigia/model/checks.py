@@ -115,7 +115,9 @@ def _first_non_finite(value: Any) -> tuple[int, tuple[int, ...], float] | None:
 
 
 def _largest_input(inputs: Any, row: int) -> float:
-    leaves = [np.abs(np.asarray(t[row], np.float64)) for t in tf.nest.flatten(inputs) if t.dtype.is_floating]
+    leaves = [
+        np.abs(np.asarray(t[row], np.float64)) for t in tf.nest.flatten(inputs) if tf.as_dtype(t.dtype).is_floating
+    ]
     return max((float(a.max()) for a in leaves if a.size), default=0.0)
 
 

@@ -167,8 +167,7 @@ class BaseInfluenceModel:
         outputs = self.differentiator.head(batch.features) if isinstance(batch, FeatureBatch) else self(batch.inputs)
         n_outputs = len(getattr(self.model, "outputs", None) or [outputs])
         self._n_classes = sparse_class_count(batch.targets, outputs)
-        if self._n_classes is not None:
-            check_label_range(batch.targets, self._n_classes, name, batch.batch_index, batch.offset)
+        self._check_labels(batch, name)
         try:
             losses = self.loss_function(batch.targets, outputs)
         except (ValueError, TypeError) as error:
@@ -242,7 +241,8 @@ class BaseInfluenceModel:
         self._check_labels(batch, name)
         return feature_batch
 
-    def _check_labels(self, batch: Batch, name: str) -> None:
+    def _check_labels(self, batch: Batch | FeatureBatch, name: str) -> None:
+        """Sparse labels within `[0, n_classes)` (known after the first batch's loss check)."""
         if self._n_classes is not None:
             check_label_range(batch.targets, self._n_classes, name, batch.batch_index, batch.offset)
 
