@@ -34,7 +34,7 @@ from vestigia.data.dataset import (
     to_batched_dataset,
 )
 from vestigia.errors import InvalidDataError, check_positive_int
-from vestigia.methods.score_checks import check_finite_block, check_finite_values, within_memory
+from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
 
@@ -164,13 +164,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         test_sides, _ = self._test_sides(dataset_to_evaluate)
         yield from self._blocks_against(test_sides, train_set)
 
+    @checked_blocks
     def _blocks_against(self, test_sides: list[tf.Tensor], train_set: Any) -> Iterator[np.ndarray]:
         for batch in self._batches(train_set, "train_set"):
             block = None
             for c, test_side in enumerate(test_sides):
                 scores = self._pair(test_side, self._score_train_side(batch, c), c)
                 block = scores if block is None else block + scores
-            yield check_finite_block(np.asarray(block), batch)
+            yield np.asarray(block)
 
     def influence_matrix(self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None) -> np.ndarray:
         """All pairwise values `(n_test, n_train)`: `values[t, i]` is the influence of training

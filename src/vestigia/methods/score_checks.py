@@ -9,7 +9,8 @@ products near 1e60), so each block of scores is checked once more, with one vect
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -36,17 +37,32 @@ def check_finite_values(values: np.ndarray, batch: Batch, what: str) -> np.ndarr
     return values
 
 
-def check_finite_block(block: np.ndarray, batch: Batch, test_name: str = "dataset_to_evaluate") -> np.ndarray:
-    """Return a score block `(n_test, batch)` against training batch `batch`, or raise `NonFiniteError`."""
+def check_finite_block(block: np.ndarray, batch_index: int, offset: int) -> np.ndarray:
+    """Return a score block `(n_test, batch)` against the training batch `batch_index`, whose first
+    example is `train_set` example `offset`, or raise `NonFiniteError`."""
     finite = np.isfinite(block)
     if not finite.all():
         test, col = (int(i) for i in np.argwhere(~finite)[0])
         raise NonFiniteError(
-            f"The score of `{test_name}` example {test} against `{batch.source}` example {batch.offset + col} "
-            f"(training batch {batch.batch_index}, column {col}) is {block[test, col]}; {int((~finite).sum())} "
+            f"The score of `dataset_to_evaluate` example {test} against `train_set` example {offset + col} "
+            f"(training batch {batch_index}, column {col}) is {block[test, col]}; {int((~finite).sum())} "
             f"score(s) of that block are NaN or Inf. {_OVERFLOW_HINT}"
         )
     return block
+
+
+def checked_blocks(method: Callable[..., Iterator[np.ndarray]]) -> Callable[..., Iterator[np.ndarray]]:
+    """Decorate a method yielding score blocks `(n_test, train_batch)`, one per training batch in
+    order, so that each block is checked by `check_finite_block`."""
+
+    @functools.wraps(method)
+    def checked(*args: Any, **kwargs: Any) -> Iterator[np.ndarray]:
+        offset = 0
+        for index, block in enumerate(method(*args, **kwargs)):
+            yield check_finite_block(np.asarray(block), index, offset)
+            offset += block.shape[1]
+
+    return checked
 
 
 def _known_rows(dataset: Any, batch_size: int) -> int | None:
