@@ -80,24 +80,29 @@ def within_memory(blocks: Iterable[np.ndarray], train_set: Any, what: str) -> It
     """Yield score blocks that will be concatenated into one `(n_test, n_train)` matrix, raising
     `InsufficientMemoryError` as soon as the matrix is known not to fit.
 
-    The full size is estimated at the first block (`n_test` rows; `n_train` from the training
-    set's cardinality times the first batch's width) and, when the cardinality is unknown,
-    re-checked as the blocks accumulate. The estimate counts the blocks and their concatenation.
+    The full size is estimated at the first block (`n_test` rows; `n_train` from the length of
+    arrays, or a dataset's cardinality times the first batch's width). When the length is
+    unknown, the blocks held are re-checked each time they double. The estimate counts the
+    blocks and their concatenation.
     """
-    held = 0
+    held, next_check, n_train = 0, 0, None
     for i, block in enumerate(blocks):
         n_test, width = block.shape
         held += block.nbytes
-        n_train = _known_rows(train_set, width) if i == 0 else None
-        if n_train is not None:
-            needed = 2 * n_test * n_train * block.itemsize
+        if i == 0:
+            n_train = _known_rows(train_set, width)
+        if i == 0 and n_train is not None:
+            needed, shape = 2 * n_test * n_train * block.itemsize, f"{n_test} x {n_train}"
+        elif n_train is None and held >= next_check:
+            needed, shape = 2 * held, f"{n_test} x >= {held // max(1, n_test * block.itemsize)}"
+            next_check = 2 * held
         else:
-            needed = 2 * held
-        check_memory(
-            f"{what} ({n_test} x {n_train if n_train is not None else f'>= {held // max(1, n_test * block.itemsize)}'}"
-            f" {block.dtype}, with its blocks)",
-            needed,
-            "Use `top_k_indices(dataset_to_evaluate, train_set, k)` (streams; memory n_test * k), "
-            "`score_blocks(...)` to process one training batch of scores at a time, or fewer test examples.",
-        )
+            needed = 0
+        if needed:
+            check_memory(
+                f"{what} ({shape} {block.dtype}, with its blocks)",
+                needed,
+                "Use `top_k_indices(dataset_to_evaluate, train_set, k)` (streams; memory n_test * k), "
+                "`score_blocks(...)` to process one training batch of scores at a time, or fewer test examples.",
+            )
         yield block
