@@ -348,7 +348,7 @@ def test_non_finite_inputs_and_weights() -> None:
     im = InfluenceModel(model, start_layer=0, last_layer=1, loss_function=logits_loss())
     bad = x.copy()
     bad[5, 2] = np.nan
-    with pytest.raises(NonFiniteError, match="`train_set` holds NaN or Inf in its inputs"):
+    with pytest.raises(NonFiniteError, match=r"`train_set`, batch 1 \(examples 4-7\): the inputs hold nan at"):
         for batch in im.feature_batches(batched(bad, y, 4), "train_set"):
             im.batch_losses_and_gradients(batch, "train_set")
     trunk = InfluenceModel(model, start_layer=1, loss_function=logits_loss())  # NaN goes through the trunk

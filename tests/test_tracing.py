@@ -35,7 +35,7 @@ def test_one_trace_for_every_batch_size() -> None:
     for batch_size in (16, 7):
         tracin.self_influence(batched(x, y, batch_size))
         tracin.influence_matrix(batched(x[:9], y[:9], 4), batched(x, y, batch_size))
-    assert im._trunk.tracing_count() == 1
+    assert im._checked_trunk.tracing_count() == 1  # the trunk with its finiteness flag (Hessian batches)
     assert im._trunk_and_gradients.tracing_count() == 1
     assert im._trunk_and_factors.tracing_count() == 1
     # Softmax cross-entropy on a Dense head: its curvature is in closed form, nothing is traced.

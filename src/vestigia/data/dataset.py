@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from vestigia.data.checks import check_dataset
 from vestigia.errors import InvalidDataError
 
 ProcessBatchFn = Callable[[Any], tuple[Any, Any, Any]]
@@ -24,13 +25,16 @@ DEFAULT_BATCH_SIZE = 128
 
 class Batch(NamedTuple):
     """One batch: model inputs (tensor, tuple or dict), targets, per-example weights or None, its size,
-    and the name of the argument it came from (for error messages)."""
+    and, for error messages, the name of the argument it came from, its index among the dataset's
+    batches and the dataset position of its first example."""
 
     inputs: Any
     targets: Any
     weights: tf.Tensor | None
     size: int
     source: str = "dataset"
+    batch_index: int = 0
+    offset: int = 0
 
 
 def default_process_batch(batch: Any) -> tuple[Any, Any, Any]:
@@ -70,7 +74,8 @@ def as_batched_dataset(data: Any, name: str = "dataset", batch_size: int = DEFAU
         batch_size: batch size used when `data` holds arrays.
 
     Raises:
-        InvalidDataError: if `data` is an unbatched dataset, or arrays of unequal length.
+        InvalidDataError: if `data` is an unbatched, infinite or reshuffled dataset (see
+            `vestigia.data.checks`), or arrays of unequal length.
     """
     if isinstance(data, tf.data.Dataset):
         if not is_batched(data):
@@ -79,6 +84,7 @@ def as_batched_dataset(data: Any, name: str = "dataset", batch_size: int = DEFAU
                 f"Received a dataset whose elements have leading dimensions "
                 f"{_leading_dims(data.element_spec)} (element_spec={data.element_spec})."
             )
+        check_dataset(data, name)
         return data
     if isinstance(data, (tuple, list)) and len(data) in (2, 3):
         lengths = {len(a) for a in tf.nest.flatten(tuple(data)) if a is not None}
@@ -124,10 +130,12 @@ def iterate_batches(
     """Yield the dataset's batches as `Batch` tuples, checking that they are consistent.
 
     Raises:
-        InvalidDataError: if the dataset yields no batch, or a batch whose inputs, targets and
-            weights have different lengths.
+        InvalidDataError: if the dataset is infinite or changes between passes (checked once per
+            dataset object), yields no batch, or a batch whose inputs, targets and weights have
+            different lengths.
     """
-    empty = True
+    check_dataset(dataset, name)
+    empty, index, offset = True, 0, 0
     for element in dataset:
         inputs, targets, weights = process_batch_fn(element)
         size = _batch_size_of(inputs, name)
@@ -147,7 +155,8 @@ def iterate_batches(
         if size == 0:
             continue
         empty = False
-        yield Batch(inputs, targets, weights, size, name)
+        yield Batch(inputs, targets, weights, size, name, index, offset)
+        index, offset = index + 1, offset + size
     if empty:
         raise InvalidDataError(f"`{name}` is empty: iterating it yielded no examples.")
 

@@ -35,6 +35,7 @@ from vestigia.data.dataset import (
     to_batched_dataset,
 )
 from vestigia.errors import InvalidDataError, check_positive_int
+from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
 from vestigia.store.calculator import open_calculator_store, stored_rows
@@ -77,6 +78,10 @@ class SelfInfluenceCalculator(ABC):
     def _self_influence(self, batch: Batch) -> np.ndarray:
         """Self-influence of each example of a raw batch, shape `(batch,)`."""
 
+    def _checked_values(self, batch: Batch) -> np.ndarray:
+        """`_self_influence(batch)`, raising `NonFiniteError` if a value is NaN or Inf."""
+        return check_finite_values(np.asarray(self._self_influence(batch)), batch, "self-influence")
+
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
         return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
 
@@ -88,12 +93,12 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             if store is not None:
                 return self._stored_self_influence(train_set, store)
-            values = [np.asarray(self._self_influence(b), np.float32) for b in self._batches(train_set, "train_set")]
+            values = [np.asarray(self._checked_values(b), np.float32) for b in self._batches(train_set, "train_set")]
         return np.concatenate(values)
 
     def _stored_self_influence(self, train_set: Any, store: StorePath) -> np.ndarray:
         opened = open_calculator_store(self, train_set, store)
-        compute = lambda b: [np.asarray(self._self_influence(b), np.float32)]  # noqa: E731
+        compute = lambda b: [np.asarray(self._checked_values(b), np.float32)]  # noqa: E731
         rows = stored_rows(opened, ["self_influence"], self._batches(train_set, "train_set"), compute)
         return np.concatenate([r[0] for r in rows])
 
@@ -103,7 +108,7 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             values, sizes = [], []
             for batch in self._batches(train_set, "train_set"):
-                values.append(np.asarray(self._self_influence(batch), np.float32))
+                values.append(np.asarray(self._checked_values(batch), np.float32))
                 sizes.append(batch.size)
         return tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
 
@@ -121,7 +126,7 @@ class SelfInfluenceCalculator(ABC):
         train_set = as_batched_dataset(train_set, "train_set")
         stream = StreamingTopK(1, k, order)
         for batch in self._batches(train_set, "train_set"):
-            stream.add(np.asarray(self._self_influence(batch))[None, :])
+            stream.add(self._checked_values(batch)[None, :])
         _check_k(k, stream.seen, "training examples")
         values, indices = stream.result()
         samples = select_samples(train_set, indices[0], self.process_batch_for_loss_fn)
@@ -185,6 +190,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         names = [f"train_side_{c}" for c in range(self.n_components)]
         return stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
 
+    @checked_blocks
     def _blocks_against(
         self, test_sides: list[tf.Tensor], train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
@@ -202,7 +208,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         example `i` on test example `t` (positive: proponent). `store`: a directory caching the
         training-side vectors per batch (resumable, see `vestigia.store`)."""
         with _device(device):
-            return np.concatenate(list(self.score_blocks(dataset_to_evaluate, train_set, store)), axis=1)
+            blocks = within_memory(
+                self.score_blocks(dataset_to_evaluate, train_set, store), train_set, "influence_matrix"
+            )
+            return np.concatenate(list(blocks), axis=1)
 
     def top_k_indices(
         self,
@@ -324,7 +333,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 test_sizes = [b.size for b in self._batches(test_set, "dataset_to_evaluate")]
             else:
                 test_sides, test_sizes = self._test_sides(test_set)
-                blocks = list(self._blocks_against(test_sides, train_set))
+                blocks = list(within_memory(self._blocks_against(test_sides, train_set), train_set, "the values"))
                 values, train_sizes = np.concatenate(blocks, axis=1), [b.shape[1] for b in blocks]
         offsets = np.concatenate([[0], np.cumsum(test_sizes)])
         outer = None

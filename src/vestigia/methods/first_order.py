@@ -31,7 +31,9 @@ def hessian_dataset(
     batch_size = int(tf.shape(tf.nest.flatten(next(iter(dataset)))[0])[0])
     return (
         dataset.unbatch()
-        .shuffle(check_positive_int("shuffle_buffer_size", shuffle_buffer_size), seed=seed)
+        .shuffle(
+            check_positive_int("shuffle_buffer_size", shuffle_buffer_size), seed=seed, reshuffle_each_iteration=False
+        )
         .take(n_samples)
         .batch(batch_size)
     )

@@ -21,20 +21,30 @@ from vestigia.data.dataset import (
     default_process_batch,
     iterate_batches,
 )
-from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError, check_finite
+from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
+from vestigia.model.checks import (
+    check_label_range,
+    check_model_weights,
+    check_precision,
+    diagnose_batch,
+    sparse_class_count,
+)
 from vestigia.model.split import split_model
 
 _UNREDUCED = (None, "none")
 
 
 class FeatureBatch(NamedTuple):
-    """A batch after the trunk: head inputs, targets, weights `(batch,)`, and its size."""
+    """A batch after the trunk: head inputs, targets, weights `(batch,)`, its size, and its index
+    and first example's position in the dataset (for error messages)."""
 
     features: Any
     targets: Any
     weights: tf.Tensor
     size: int
+    batch_index: int = 0
+    offset: int = 0
 
 
 def default_loss() -> keras.losses.Loss:
@@ -92,6 +102,7 @@ class BaseInfluenceModel:
         weights_processed: bool = False,
     ) -> None:
         _check_model(model)
+        check_precision(model)
         loss_function = default_loss() if loss_function is None else loss_function
         _check_unreduced(loss_function)
         watched = list(model.trainable_variables if weights_to_watch is None else weights_to_watch)
@@ -103,8 +114,7 @@ class BaseInfluenceModel:
                 raise InvalidModelError(
                     f"`weights_to_watch` must hold trainable variables of `model`. Received: {getattr(v, 'path', v)!r}"
                 )
-        for v in watched:
-            check_finite(f"model weight {v.path}", np.asarray(v.numpy()), "weights")
+        check_model_weights(model, watched)
         self.model = model
         self.weights = watched
         self.loss_function = loss_function
@@ -117,10 +127,12 @@ class BaseInfluenceModel:
         self._trunk_model, head = split_model(model, start, self.watched_layers)
         self.differentiator = HeadDifferentiator(head, [v.value for v in watched], loss_function)
         self._trunk = trace(self._run_trunk)
+        self._checked_trunk = trace(self._run_checked_trunk)
         self._trunk_and_gradients = trace(functools.partial(self._run_trunk_and, self.differentiator._gradients))
         self._trunk_and_factors = trace(functools.partial(self._run_trunk_and, self.differentiator.factors))
         self._factorable: bool | None = None
         self._loss_checked = False
+        self._n_classes: int | None = None
 
     @property
     def nb_params(self) -> int:
@@ -135,13 +147,40 @@ class BaseInfluenceModel:
         return self.model(inputs, training=False)
 
     def _run_trunk(self, inputs: Any) -> Any:
+        inputs = tf.nest.map_structure(self._autocast, inputs)
         if self._trunk_model is None:
             return inputs
         return self._trunk_model(inputs, training=False)
 
-    def _check_loss_output(self, batch: FeatureBatch | Batch) -> None:
+    def _autocast(self, tensor: Any) -> Any:
+        """Floating inputs in the model's compute dtype, as Keras layers cast them (float64 NumPy
+        data must not reach a head computed explicitly)."""
+        dtype = tf.as_dtype(self.model.compute_dtype)
+        return tf.cast(tensor, dtype) if tf.as_dtype(tensor.dtype).is_floating and tensor.dtype != dtype else tensor
+
+    def _run_checked_trunk(self, inputs: Any) -> tuple[Any, tf.Tensor]:
+        """Trunk features and one flag: are the floating inputs and the features all finite."""
+        features = self._run_trunk(inputs)
+        return features, _all_finite(inputs, features)
+
+    def _check_loss_output(self, batch: FeatureBatch | Batch, name: str) -> None:
         outputs = self.differentiator.head(batch.features) if isinstance(batch, FeatureBatch) else self(batch.inputs)
-        losses = self.loss_function(batch.targets, outputs)
+        n_outputs = len(getattr(self.model, "outputs", None) or [outputs])
+        self._n_classes = sparse_class_count(batch.targets, outputs)
+        self._check_labels(batch, name)
+        try:
+            losses = self.loss_function(batch.targets, outputs)
+        except (ValueError, TypeError) as error:
+            if n_outputs < 2:
+                raise
+            raise InvalidModelError(
+                f"`loss_function` failed on the model's {n_outputs} outputs "
+                f"{getattr(self.model, 'output_names', '')}: it receives them all, as a list "
+                "`y_pred`. Pass a loss that takes them all and returns one loss per example, e.g. "
+                "`lambda y_true, y_pred: keras.losses.categorical_crossentropy(y_true, y_pred[0])`, or a "
+                "single-output model `keras.Model(model.inputs, model.outputs[0])` (targets may be a tuple "
+                f"built by `process_batch_for_loss_fn`). Received: {type(error).__name__}: {error}"
+            ) from error
         if losses.shape.rank != 1 or int(losses.shape[0]) != batch.size:
             raise InvalidModelError(
                 "`loss_function` must return one loss per example, shape (batch,). Received "
@@ -184,15 +223,28 @@ class BaseInfluenceModel:
                 )
 
     def features_of(self, batch: Batch, name: str | None = None) -> FeatureBatch:
-        """Apply the trunk to one batch; missing sample weights become ones."""
-        self.check_inputs(batch.inputs, name or batch.source)
-        features = self._trunk(batch.inputs)
+        """Apply the trunk to one batch; missing sample weights become ones.
+
+        Raises:
+            NonFiniteError: the inputs or the trunk features hold NaN or Inf.
+        """
+        name = name or batch.source
+        self.check_inputs(batch.inputs, name)
+        features, finite = self._checked_trunk(batch.inputs)
         dtype = self.weights[0].dtype
         weights = tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
-        feature_batch = FeatureBatch(features, batch.targets, weights, batch.size)
+        feature_batch = FeatureBatch(features, batch.targets, weights, batch.size, batch.batch_index, batch.offset)
+        if not bool(finite):
+            raise NonFiniteError(self._diagnose(batch, name, features))
         if not self._loss_checked:
-            self._check_loss_output(feature_batch)
+            self._check_loss_output(feature_batch, name)
+        self._check_labels(batch, name)
         return feature_batch
+
+    def _check_labels(self, batch: Batch | FeatureBatch, name: str) -> None:
+        """Sparse labels within `[0, n_classes)` (known after the first batch's loss check)."""
+        if self._n_classes is not None:
+            check_label_range(batch.targets, self._n_classes, name, batch.batch_index, batch.offset)
 
     def batch_losses_and_gradients(self, batch: FeatureBatch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor]:
         """Weighted losses `(batch,)` and per-example gradients `(batch, n_params)` of one batch.
@@ -202,7 +254,7 @@ class BaseInfluenceModel:
         """
         losses, grads = self.differentiator.gradients(batch.features, batch.targets, batch.weights)
         if not bool(tf.reduce_all(tf.math.is_finite(losses))) or not bool(tf.reduce_all(tf.math.is_finite(grads))):
-            raise NonFiniteError(self.diagnose_non_finite(batch, name, losses))
+            raise NonFiniteError(self.diagnose_non_finite(batch, name, losses, grads))
         return losses, grads
 
     def example_gradients(self, batch: Batch, name: str | None = None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -234,14 +286,15 @@ class BaseInfluenceModel:
         name = name or batch.source
         self.check_inputs(batch.inputs, name)
         if not self._loss_checked:
-            self._check_loss_output(batch)
+            self._check_loss_output(batch, name)
+        self._check_labels(batch, name)
         args = (batch.inputs, batch.targets) if batch.weights is None else (batch.inputs, batch.targets, batch.weights)
         result = fn(*args)
         if result is None:
             return None
         losses, values, finite = result
         if not bool(finite):
-            raise NonFiniteError(self.diagnose_non_finite(self.features_of(batch, name), name, losses))
+            raise NonFiniteError(self._diagnose(batch, name, self._trunk(batch.inputs), losses, values))
         return losses, values
 
     def _run_trunk_and(self, head_fn: Any, inputs: Any, targets: Any, weights: Any = None) -> Any:
@@ -254,25 +307,21 @@ class BaseInfluenceModel:
         if result is None:
             return None
         losses, values = result
-        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(losses)), tf.reduce_all(tf.math.is_finite(values)))
-        return losses, values, finite
+        return losses, values, _all_finite(inputs, features, losses, values)
 
-    def diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor) -> str:
-        """Say where a batch's NaN or Inf comes from: its inputs, labels, weights, or the model."""
-        parts = {
-            "inputs (after the trunk)": batch.features,
-            "labels": batch.targets,
-            "sample weights": batch.weights,
-        }
-        for what, value in parts.items():
-            for t in tf.nest.flatten(value):
-                if t.dtype.is_floating and not bool(tf.reduce_all(tf.math.is_finite(t))):
-                    return f"`{name}` holds NaN or Inf in its {what}."
-        where = "losses" if not bool(tf.reduce_all(tf.math.is_finite(losses))) else "gradients"
-        return (
-            f"A batch of `{name}` gives non-finite {where} (NaN or Inf) although its data are finite: "
-            "check the model's outputs and the loss (e.g. log(0) on probabilities)."
-        )
+    def _diagnose(self, batch: Batch, name: str, features: Any, losses: Any = None, values: Any = None) -> str:
+        parts = {"inputs": batch.inputs, "labels": batch.targets, "sample weights": batch.weights}
+        if self._trunk_model is not None:
+            parts["trunk features"] = features
+        parts.update({"losses": losses, "gradients": values})
+        return diagnose_batch(parts, batch.inputs, name, batch.batch_index, batch.offset, batch.size)
+
+    def diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor, values: Any = None) -> str:
+        """Say where a batch's NaN or Inf comes from: its labels, weights, features, losses or gradients."""
+        parts = {"labels": batch.targets, "sample weights": batch.weights}
+        parts["trunk features" if self._trunk_model is not None else "inputs"] = batch.features
+        parts.update({"losses": losses, "gradients": values})
+        return diagnose_batch(parts, batch.features, name, batch.batch_index, batch.offset, batch.size)
 
     # -- the seed's API ------------------------------------------------------------------------
 
@@ -300,6 +349,12 @@ class BaseInfluenceModel:
     def _gradient_rows(self, dataset: tf.data.Dataset) -> Iterator[tf.Tensor]:
         for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, "dataset"):
             yield self.example_gradients(batch)[1]
+
+
+def _all_finite(*nests: Any) -> tf.Tensor:
+    """One fused flag: every floating tensor of the nests holds only finite values."""
+    leaves = [t for t in tf.nest.flatten(nests) if t is not None and tf.as_dtype(t.dtype).is_floating]
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in leaves]) if leaves else tf.constant(True)
 
 
 def _resolve_layer(model: keras.Model, layer: int | str, name: str) -> int:
