@@ -11,6 +11,7 @@ import tensorflow as tf
 from vestigia.curvature.base import InverseHessianVectorProduct
 from vestigia.errors import InvalidDataError, NonFiniteError, check_finite
 from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.progress import known_length, track
 
 
 def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset") -> np.ndarray:
@@ -21,7 +22,7 @@ def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str 
     """
     total = np.zeros((model.nb_params, model.nb_params), dtype=np.float64)
     count = 0
-    for batch in model.feature_batches(dataset, name):
+    for batch in track(model.feature_batches(dataset, name), "Hessian (batches)", known_length(dataset)):
         contribution = model.differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
         if not np.isfinite(contribution).all():
             losses = model.differentiator.losses(batch.features, batch.targets, batch.weights)

@@ -34,8 +34,14 @@ from vestigia.data.dataset import (
     to_batched_dataset,
 )
 from vestigia.errors import InvalidDataError, check_positive_int
+from vestigia.progress import known_length, track
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
+
+
+def _n_batches(data: Any) -> int | None:
+    """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
+    return known_length(data) if isinstance(data, tf.data.Dataset) else None
 
 
 def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -79,7 +85,8 @@ class SelfInfluenceCalculator(ABC):
     def self_influence(self, train_set: Any, device: str | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order."""
         with _device(device):
-            values = [np.asarray(self._self_influence(b), np.float32) for b in self._batches(train_set, "train_set")]
+            batches = track(self._batches(train_set, "train_set"), "self-influence (batches)", _n_batches(train_set))
+            values = [np.asarray(self._self_influence(b), np.float32) for b in batches]
         return np.concatenate(values)
 
     def compute_influence_values(self, train_set: Any, device: str | None = None) -> tf.data.Dataset:
@@ -160,7 +167,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         yield from self._blocks_against(test_sides, train_set)
 
     def _blocks_against(self, test_sides: list[tf.Tensor], train_set: Any) -> Iterator[np.ndarray]:
-        for batch in self._batches(train_set, "train_set"):
+        for batch in track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set)):
             block = None
             for c, test_side in enumerate(test_sides):
                 scores = self._pair(test_side, self._score_train_side(batch, c), c)
