@@ -34,6 +34,7 @@ from vestigia.curvature.factor_file import load_factors, save_factors
 from vestigia.curvature.kronecker_factors import (
     LayerFactors,
     batch_covariances,
+    damped_power,
     eigenbasis,
     layer_damping,
     precondition,
@@ -253,7 +254,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
             matrices = precondition(factors, self.layout.to_matrices(array, spec), power)
             self.layout.write_matrices(out, matrices, spec)
         for v, (diagonal, damping) in zip(self.capture.others, self.diagonals):
-            self.layout.write_other(out, self.layout.other_slice(array, v) * (diagonal + damping) ** power, v)
+            self.layout.write_other(out, self.layout.other_slice(array, v) * damped_power(diagonal, damping, power), v)
         return tf.constant(out, tf.float32)
 
     def solve(self, vectors: Any) -> tf.Tensor:
