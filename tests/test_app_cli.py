@@ -241,8 +241,21 @@ def test_auto_method_is_exact_for_small_heads_and_arnoldi_above(files) -> None:
     keras.utils.set_random_seed(0)
     wide = keras.Sequential([keras.Input((64,)), keras.layers.Dense(EXACT_MAX_PARAMS // 10 + 1)])
     big = Setup(wide, keras.losses.MeanSquaredError(reduction=None), files["x"], files["x"])
-    assert choose_method(big, "auto") == "arnoldi"
-    assert set(METHODS) >= {"influence", "relatif", "arnoldi", "tracin", "representer-l2", "boundary-sample"}
+    assert choose_method(big, "auto") == "influence" and big.solver == "ekfac"
+    every = {"influence", "relatif", "arnoldi", "tracin", "trak", "grad-dot", "grad-cos", "datainf", "logra"}
+    assert set(METHODS) >= every | {"representer-l2", "representer-lje", "boundary-sample", "boundary-weights"}
+
+
+def test_grad_dot_method_is_the_squared_gradient_norm(files, tmp_path) -> None:
+    d = files["dir"]
+    out = tmp_path / "out"
+    args = ["self-influence", "--model", d / "model.keras", "--train", d / "train.npz", "--output", out]
+    assert main([*args, "--method", "grad-dot", "--quiet"]) == 0
+    rows = _read_csv(out / "scores.csv")
+    scores = np.zeros(N_TRAIN)
+    scores[[int(r["index"]) for r in rows]] = [float(r["self_influence"]) for r in rows]
+    grads, _ = _oracle(files["model"], files["x"], files["y"])
+    assert_close(scores, np.sum(grads**2, axis=1), 1e-4)  # float32 gradients vs float64 closed form
 
 
 def test_bench_finds_the_runner_of_this_checkout() -> None:

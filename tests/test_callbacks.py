@@ -2,7 +2,8 @@
 
 Oracles: the learning rates are the schedule's closed form `lr0 * rate ** (step / decay_steps)`
 at the recorded steps; `TracIn.from_checkpoints` equals a TracIn built by hand from the same
-weight files, and its self-influence equals `sum_c eta_c ||g_c||^2` from per-example tapes.
+weight files, and its self-influence equals `sum_c eta_c ||g_c||^2` from per-example tapes; the
+TRAK ensemble of the recorder equals TRAK built by hand from the same files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from conftest import logits_loss, make_classification, make_mlp
 from oracles import assert_close, loop_gradients
 
-from vestigia import InfluenceModel, TracIn
+from vestigia import TRAK, InfluenceModel, TracIn
 from vestigia.callbacks import CheckpointRecorder, load_checkpoints
 from vestigia.errors import InvalidDataError
 
@@ -62,6 +63,23 @@ def test_tracin_from_checkpoints_equals_tracin_built_by_hand(tmp_path) -> None:
     )
     expected = sum(rate * np.sum(g**2, axis=1) for rate, g in zip(rates, grads))
     assert_close(recorder.tracin().self_influence((x, y)), expected, 1e-5)  # float32 vs per-example tapes
+
+
+def test_trak_ensemble_from_checkpoints_equals_trak_built_by_hand(tmp_path) -> None:
+    _, recorder, x, y = _train(tmp_path)
+    ensemble = recorder.trak((x, y), seed=3)
+    manifest = json.loads((tmp_path / "checkpoints.json").read_text())["checkpoints"]
+    hand = []
+    for record in manifest:
+        model = make_mlp(d=5, hidden=6, classes=3, seed=1)
+        model.load_weights(tmp_path / record["file"])
+        hand.append(InfluenceModel(model, start_layer=-1, loss_function=logits_loss()))
+    by_hand = TRAK(hand, (x, y), seed=3)
+    assert len(ensemble.models) == 3
+    np.testing.assert_allclose(ensemble.self_influence((x, y)), by_hand.self_influence((x, y)), rtol=1e-5)
+    np.testing.assert_allclose(
+        ensemble.influence_matrix((x[:4], y[:4]), (x, y)), by_hand.influence_matrix((x[:4], y[:4]), (x, y)), rtol=1e-5
+    )
 
 
 def test_recorder_by_steps_and_a_folder_without_manifest(tmp_path) -> None:

@@ -8,7 +8,8 @@ The folder holds `model.keras` (the architecture and compiled loss, saved once w
 starts), one `ckpt-XXXX.weights.h5` per checkpoint and `checkpoints.json`, the manifest: for each
 checkpoint its file, epoch, optimizer step and the learning rate in effect when it was saved
 (`optimizer.learning_rate`, i.e. a schedule evaluated at that step). TracIn's
-`value(z_test, z) = sum_c eta_c g_c(z_test)^T g_c(z)` uses these `eta_c`.
+`value(z_test, z) = sum_c eta_c g_c(z_test)^T g_c(z)` uses these `eta_c`; a TRAK ensemble
+(`recorder.trak(train_set)`) averages over the same checkpoints.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from vestigia.errors import InvalidDataError, check_positive_int
 
-__all__ = ["CheckpointRecorder", "load_checkpoints", "tracin_from_checkpoints"]
+__all__ = ["CheckpointRecorder", "load_checkpoints", "tracin_from_checkpoints", "trak_from_checkpoints"]
 
 MANIFEST = "checkpoints.json"
 ARCHITECTURE = "model.keras"
@@ -97,6 +98,10 @@ class CheckpointRecorder(keras.callbacks.Callback):
         """`TracIn` over the checkpoints saved so far (see `tracin_from_checkpoints` for `options`)."""
         return tracin_from_checkpoints(self.directory, **options)
 
+    def trak(self, train_set: Any, **options: Any) -> Any:
+        """A `TRAK` ensemble over the checkpoints saved so far (see `trak_from_checkpoints`)."""
+        return trak_from_checkpoints(self.directory, train_set, **options)
+
 
 def load_checkpoints(directory: str | os.PathLike[str]) -> tuple[list[keras.Model], list[float]]:
     """The models at each checkpoint of a `CheckpointRecorder` folder and their learning rates.
@@ -145,11 +150,42 @@ def tracin_from_checkpoints(
     Returns:
         `TracIn(models, learning_rates)` with one `InfluenceModel` per checkpoint.
     """
-    from vestigia.app.artefacts import resolve_loss
     from vestigia.methods.tracin import TracIn
-    from vestigia.model import InfluenceModel
 
     models, rates = load_checkpoints(directory)
-    loss = resolve_loss(models[0]) if loss_function is None else loss_function
-    watched = [InfluenceModel(m, start_layer=start_layer, last_layer=last_layer, loss_function=loss) for m in models]
+    watched = _watched(models, loss_function, start_layer, last_layer)
     return TracIn(watched, np.asarray(rates, dtype=np.float64).tolist())
+
+
+def _watched(models: list[keras.Model], loss_function: Any, start_layer: Any, last_layer: Any) -> list[Any]:
+    from vestigia.app.artefacts import resolve_loss
+    from vestigia.model import InfluenceModel
+
+    loss = resolve_loss(models[0]) if loss_function is None else loss_function
+    return [InfluenceModel(m, start_layer=start_layer, last_layer=last_layer, loss_function=loss) for m in models]
+
+
+def trak_from_checkpoints(
+    directory: str | os.PathLike[str],
+    train_set: Any,
+    loss_function: Any = None,
+    start_layer: int | str | None = -1,
+    last_layer: int | str | None = None,
+    **options: Any,
+) -> Any:
+    """A `TRAK` ensemble over the checkpoints of a `CheckpointRecorder` folder, in one call.
+
+    Args:
+        directory: the recorder's folder.
+        train_set: training data (defines TRAK's kernel).
+        loss_function, start_layer, last_layer: as in `tracin_from_checkpoints`.
+        **options: `TRAK`'s settings (`projection`, `projection_dim`, `damping`, `seed`, ...).
+
+    Returns:
+        `TRAK(models, train_set, **options)` with one `InfluenceModel` per checkpoint (TRAK
+        averages over them; the learning rates are not used).
+    """
+    from vestigia.methods.trak import TRAK
+
+    models, _ = load_checkpoints(directory)
+    return TRAK(_watched(models, loss_function, start_layer, last_layer), train_set, **options)

@@ -170,14 +170,19 @@ def _add_artefact_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=["auto", *METHODS],
         default="auto",
-        help="auto: exact influence up to 4,096 watched parameters, Arnoldi above; "
+        help="auto: exact influence up to 4,096 watched parameters, EK-FAC influence above; "
         + "; ".join(f"{name}: {spec.description}" for name, spec in METHODS.items()),
     )
     parser.add_argument("--layers", default="last", help="watched layers: last, all, or comma-separated layer names")
     parser.add_argument(
         "--solver", choices=solver_names(), default="auto", help="inverse-Hessian solver (auto: by size)"
     )
-    parser.add_argument("--damping", type=float, default=1e-3, help="damping added to the Hessian: H + damping I")
+    parser.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping added to the Hessian, H + damping I (default: 1e-3; K-FAC / EK-FAC: their own rule)",
+    )
     parser.add_argument(
         "--loss", default=None, help="Keras loss name (default: the model's compiled loss, made unreduced)"
     )

@@ -49,7 +49,7 @@ class Options:
     method: str = "auto"
     layers: str = "last"
     solver: str = "auto"
-    damping: float = 1e-3
+    damping: float | None = None
     loss: str | None = None
     from_logits: bool | None = None
     checkpoints: str | None = None

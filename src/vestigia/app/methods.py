@@ -4,7 +4,8 @@ Adding a method to the command is one `MethodSpec` row in `METHODS` (its name, w
 build it from the `Setup`, and whether it gives pairwise values for `vestigia explain`). The
 IHVP solvers of the influence rows come from `vestigia.curvature.IHVPCalculator`, so a solver
 added to that registry is offered by `--solver` with no change here. `--method auto` picks by
-the number of watched parameters through `AUTO_RULES`.
+the number of watched parameters through `AUTO_RULES`: exact influence up to 4,096, EK-FAC
+influence above.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ import numpy as np
 from vestigia.curvature import IHVPCalculator
 from vestigia.errors import InvalidDataError, InvalidModelError
 from vestigia.methods import (
+    TRAK,
     ArnoldiInfluenceCalculator,
+    DataInf,
     FirstOrderInfluenceCalculator,
+    GradCos,
+    GradDot,
+    LoGra,
     RepresenterPointL2,
     RepresenterPointLJE,
     SampleBoundaryCalculator,
@@ -31,6 +37,8 @@ from vestigia.model import BaseInfluenceModel, InfluenceModel
 
 __all__ = ["AUTO_RULES", "METHODS", "MethodSpec", "Setup", "choose_method", "solver_names", "watch"]
 
+DEFAULT_DAMPING = 1e-3
+KRONECKER_SOLVERS = ("kfac", "ekfac")
 EXACT_MAX_PARAMS = 4096  # a dense float64 Hessian of 4,096^2 is 134 MB and factors in ~1 s
 ARNOLDI_SUBSPACE, ARNOLDI_KEPT = 200, 100
 RPS_LAMBDA = 1e-3
@@ -83,7 +91,7 @@ class Setup:
     y: np.ndarray
     layers: str | Sequence[str] = "last"
     solver: str = "auto"
-    damping: float = 1e-3
+    damping: float | None = None
     checkpoints: str | None = None
     seed: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
@@ -106,7 +114,11 @@ class Setup:
         return "exact" if self.n_params <= EXACT_MAX_PARAMS else "cgd"
 
     def solver_options(self) -> dict[str, Any]:
-        return {"damping": self.damping}
+        """`damping` for the solver: the user's, else `DEFAULT_DAMPING` (K-FAC / EK-FAC: their own
+        rule, a fraction of the mean eigenvalue, when the user gave none)."""
+        if self.damping is None and self.resolved_solver() in KRONECKER_SOLVERS:
+            return {}
+        return {"damping": DEFAULT_DAMPING if self.damping is None else self.damping}
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,7 @@ class MethodSpec:
 def _first_order(normalize: bool) -> Callable[[Setup], SelfInfluenceCalculator]:
     def build(setup: Setup) -> SelfInfluenceCalculator:
         solver = setup.resolved_solver()
-        setup.settings.update(solver=solver, damping=setup.damping)
+        setup.settings.update(solver=solver, **setup.solver_options())
         return FirstOrderInfluenceCalculator(
             setup.influence_model(), (setup.x, setup.y), solver, normalize=normalize, **setup.solver_options()
         )
@@ -139,9 +151,10 @@ def _arnoldi(setup: Setup) -> SelfInfluenceCalculator:
     n = setup.n_params
     subspace = min(ARNOLDI_SUBSPACE, n)
     kept = min(ARNOLDI_KEPT, subspace)
-    setup.settings.update(subspace_dim=subspace, k_largest_eig_vals=kept, damping=setup.damping)
+    damping = DEFAULT_DAMPING if setup.damping is None else setup.damping
+    setup.settings.update(subspace_dim=subspace, k_largest_eig_vals=kept, damping=damping)
     return ArnoldiInfluenceCalculator(
-        setup.influence_model(), (setup.x, setup.y), subspace, True, kept, seed=setup.seed, damping=setup.damping
+        setup.influence_model(), (setup.x, setup.y), subspace, True, kept, seed=setup.seed, damping=damping
     )
 
 
@@ -159,6 +172,17 @@ def _tracin(setup: Setup) -> SelfInfluenceCalculator:
     return TracIn([watch(m, setup.layers, setup.loss) for m in models], rates)
 
 
+def _trak(setup: Setup) -> SelfInfluenceCalculator:
+    """TRAK on the watched layers; an ensemble over the checkpoints when `--checkpoints` is given."""
+    from vestigia.callbacks import load_checkpoints
+
+    models = [setup.influence_model()]
+    if setup.checkpoints is not None:
+        models = [watch(m, setup.layers, setup.loss) for m in load_checkpoints(setup.checkpoints)[0]]
+    setup.settings.update(trak_models=len(models))
+    return TRAK(models, (setup.x, setup.y), seed=setup.seed)
+
+
 def _representer_l2(setup: Setup) -> SelfInfluenceCalculator:
     setup.settings.update(lambda_regularization=RPS_LAMBDA)
     return RepresenterPointL2(setup.model, (setup.x, setup.y), setup.loss, RPS_LAMBDA, targets="labels")
@@ -166,7 +190,7 @@ def _representer_l2(setup: Setup) -> SelfInfluenceCalculator:
 
 def _representer_lje(setup: Setup) -> SelfInfluenceCalculator:
     solver = setup.resolved_solver()
-    setup.settings.update(solver=solver, damping=setup.damping)
+    setup.settings.update(solver=solver, **setup.solver_options())
     return RepresenterPointLJE(setup.influence_model(), (setup.x, setup.y), solver, **setup.solver_options())
 
 
@@ -187,6 +211,15 @@ METHODS: dict[str, MethodSpec] = {
     "relatif": MethodSpec("RelatIF g_test^T H^-1 g_z / ||H^-1 g_z|| (Barshan et al.)", _first_order(True)),
     "arnoldi": MethodSpec("influence through the top eigenpairs of H (Schioppa et al.), for large heads", _arnoldi),
     "tracin": MethodSpec("TracIn sum_c eta_c g_c(z_test)^T g_c(z) over --checkpoints (Pruthi et al.)", _tracin),
+    "trak": MethodSpec("TRAK (Park et al.): projected margin gradients; an ensemble over --checkpoints", _trak),
+    "grad-dot": MethodSpec("Grad-Dot g_test^T g_z (no curvature)", lambda s: GradDot(s.influence_model())),
+    "grad-cos": MethodSpec("Grad-Cos, the cosine of g_test and g_z", lambda s: GradCos(s.influence_model())),
+    "datainf": MethodSpec(
+        "DataInf (Kwon et al.): per-layer closed-form inverse", lambda s: DataInf(s.influence_model(), (s.x, s.y))
+    ),
+    "logra": MethodSpec(
+        "LoGra (Choe et al.): factored projections of every layer", lambda s: LoGra(s.influence_model(), (s.x, s.y))
+    ),
     "representer-l2": MethodSpec("representer points with L2 (Yeh et al.); bias-free last Dense", _representer_l2),
     "representer-lje": MethodSpec("representer points by local Jacobian expansion (Sui et al.)", _representer_lje),
     "boundary-sample": MethodSpec(
@@ -200,7 +233,7 @@ METHODS: dict[str, MethodSpec] = {
 # (largest number of watched parameters, method, solver) in order; the first that fits wins.
 AUTO_RULES: list[tuple[int | None, str, str]] = [
     (EXACT_MAX_PARAMS, "influence", "exact"),
-    (None, "arnoldi", "auto"),
+    (None, "influence", "ekfac"),
 ]
 
 
