@@ -194,7 +194,8 @@ def _add_artefact_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-shape", default="auto", help="how to draw 1-D inputs: auto, none, or H,W[,C] (see the report docs)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of randomised methods (Arnoldi)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of randomised methods (Arnoldi, TRAK)")
+    parser.add_argument("--open", action="store_true", help="open report.html in the default web browser")
     parser.add_argument("--quiet", action="store_true", help="print only the results, no progress")
 
 
@@ -239,7 +240,18 @@ def _run_self_influence(args: argparse.Namespace) -> int:
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     result = run_self_influence(_options(args), progress_stream=None if args.quiet else sys.stderr)
     print(result.summary())
+    _open_report(args, result.output / "report.html")
     return 0
+
+
+def _open_report(args: argparse.Namespace, path: Any) -> None:
+    """With `--open`, show the report in the default browser (and say so when none is found)."""
+    if not args.open:
+        return
+    import webbrowser
+
+    if not webbrowser.open(path.resolve().as_uri()):
+        print(f"no web browser found; open {path} by hand", file=sys.stderr)
 
 
 def _add_explain_parser(subparsers: _Subparsers) -> None:
@@ -267,6 +279,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         _options(args), args.test, args.queries, args.top_k, progress_stream=None if args.quiet else sys.stderr
     )
     print(result.summary())
+    _open_report(args, result.output / "report.html")
     return 0
 
 
