@@ -162,6 +162,7 @@ def test_image_folder_and_saved_dataset_give_the_npz_scores(files, tmp_path) -> 
         ("no_keys", "must hold arrays named 'x' and 'y'"),
         ("no_loss", "saved without a compiled loss"),
         ("bad_loss", "is not a Keras loss name"),
+        ("custom_loss", "compiled loss could not be restored"),
         ("output_is_file", "`--output` must be a folder"),
         ("unknown_layer", "`--layers` names no layer"),
         ("tracin_without_checkpoints", "--checkpoints DIR"),
@@ -193,6 +194,14 @@ def test_bad_artefacts_get_one_clear_line_before_any_work(files, tmp_path, capsy
         bare.set_weights(files["model"].get_weights())  # never compiled: no loss saved
         model = tmp_path / "bare.keras"
         bare.save(model)
+    elif change == "custom_loss":
+        custom = keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(12, activation="relu"), keras.layers.Dense(10)]
+        )
+        custom.set_weights(files["model"].get_weights())
+        custom.compile("sgd", loss=lambda y_true, y_pred: keras.ops.mean((y_true - y_pred) ** 2, axis=-1))
+        model = tmp_path / "custom.keras"
+        custom.save(model)  # the lambda loss cannot be deserialised
     elif change == "bad_loss":
         extra = ["--loss", "not_a_loss"]
     elif change == "output_is_file":

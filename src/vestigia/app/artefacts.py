@@ -73,10 +73,17 @@ def load_model(path: str | os.PathLike[str]) -> keras.Model:
     """
     if not os.path.isfile(path):
         raise InvalidModelError(f"`--model` names no file. Received: --model={str(path)!r}")
+    compile_error = None
     try:
         model = keras.models.load_model(path, compile=True)
     except Exception as error:  # Keras raises many types for a bad file
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        compile_error = _first_line(error)
+        try:  # e.g. an unregistered custom loss: the architecture and weights may still load
+            model = keras.models.load_model(path, compile=False)
+        except Exception:
+            model = None
+    if model is None:
+        reason = compile_error
         raise InvalidModelError(
             f"`--model` could not be loaded by keras.models.load_model: {reason}. Received: --model={str(path)!r}; "
             "save the model with model.save('model.keras') (custom layers must be registered with "
@@ -84,7 +91,13 @@ def load_model(path: str | os.PathLike[str]) -> keras.Model:
         ) from None
     if not isinstance(model, keras.Model):
         raise InvalidModelError(f"`--model` holds a {type(model).__name__}, not a Keras model. Received: {path!r}")
+    model._vestigia_compile_error = compile_error  # why the compiled loss is missing, if it is
     return model
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def _unreduced(loss: keras.losses.Loss, origin: str) -> keras.losses.Loss:
@@ -115,6 +128,12 @@ def resolve_loss(model: keras.Model, name: str | None = None, from_logits: bool 
     """
     origin = "`--loss`" if name else "model's compiled loss"
     spec: Any = name if name else getattr(model, "loss", None)
+    if spec is None and getattr(model, "_vestigia_compile_error", None):
+        raise InvalidModelError(
+            f"The model's compiled loss could not be restored ({model._vestigia_compile_error}). Pass --loss with a "
+            "Keras loss name (e.g. --loss sparse_categorical_crossentropy), or register the custom loss with "
+            "@keras.saving.register_keras_serializable."
+        )
     if spec is None:
         raise InvalidModelError(
             "The model was saved without a compiled loss, so there is no loss to attribute. Pass --loss with a "
