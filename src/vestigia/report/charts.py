@@ -65,7 +65,7 @@ def histogram_svg(scores: np.ndarray, bins: int = 40) -> str:
     counts, edges = np.histogram(shown, bins=bins, range=(low, high))
     w, h, m = WIDTH, HEIGHT, MARGIN
     span_x, span_y = w - 10 - m, h - m - 10
-    top = max(int(counts.max()), 1)
+    top = max(4, -(-int(counts.max()) // 4) * 4)  # a multiple of 4: whole-number ticks at quarters
     bars = []
     for count, left, right in zip(counts, edges[:-1], edges[1:]):
         x = m + (left - low) / (high - low) * span_x
