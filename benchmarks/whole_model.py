@@ -13,8 +13,9 @@ Timed in the same process, each as a ratio to one training epoch on the same tra
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
   held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`.
 Both wall-clock and process-CPU ratios are printed (CPU time is less disturbed by other
-processes on a shared machine). Then peak RSS (`resource.getrusage`), and with `--sizes` the same run at several training-set
-sizes in fresh processes, to show how time and peak memory grow with `n_train`.
+processes on a shared machine). Then peak RSS (`resource.getrusage`), and with `--sizes` the
+same run at several training-set sizes in fresh processes, to show how time and peak memory
+grow with `n_train`.
 
 Targets (issue 11): factors <= 3 epochs, self-influence <= 3, pairwise <= 4, peak <= 6 GiB, flat
 in `n_train`. To add a stage (e.g. TRAK featurisation), append a function to `STAGES`.
