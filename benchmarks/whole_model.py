@@ -11,13 +11,16 @@ Timed in the same process, each as a ratio to one training epoch on the same tra
   refit pass), true Fisher;
 * `self_influence`: `g^T H^-1 g` for every training example (factored, one pass);
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
-  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`.
+  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`;
+* `trak_featurise`: TRAK's features of the training set for one checkpoint, k ~ 2,048 (LoGra
+  factored projection, `vestigia.projection.FactoredProjection`).
 Both wall-clock and process-CPU ratios are printed (CPU time is less disturbed by other
 processes on a shared machine). Then peak RSS (`resource.getrusage`), and with `--sizes` the
 same run at several training-set sizes in fresh processes, to show how time and peak memory
 grow with `n_train`.
 
-Targets (issue 11): factors <= 3 epochs, self-influence <= 3, pairwise <= 4, peak <= 6 GiB, flat
+Targets (issue 11): factors <= 3 epochs, self-influence <= 3, pairwise <= 4, TRAK <= 2 per
+checkpoint, peak <= 6 GiB, flat
 in `n_train`. To add a stage (e.g. TRAK featurisation), append a function to `STAGES`.
 
 Run: `python benchmarks/whole_model.py` (full size: 50,000 train / 1,000 queries: hours on 2
@@ -43,9 +46,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from vestigia import FirstOrderInfluenceCalculator  # noqa: E402
+from vestigia import TRAK, FirstOrderInfluenceCalculator  # noqa: E402
 from vestigia.curvature import EKFACIHVP  # noqa: E402
 from vestigia.model.influence_model import BaseInfluenceModel  # noqa: E402
+from vestigia.projection import FactoredProjection  # noqa: E402
 
 
 def resnet(classes: int = 10, widths: tuple[int, ...] = (64, 128, 256)) -> keras.Model:
@@ -123,13 +127,23 @@ def stage_pairwise(ctx: Context) -> str:
     return f"top-10 of {ctx.args.n_query} x {ctx.args.n_train}; best value {values[:, 0].max():.3g}"
 
 
-# The timed stages, in order. A TRAK featurisation stage (k = 2,048) goes here as one more
-# `(name, fn)` pair: `fn(ctx)` builds its calculator on `ctx.influence_model` / `ctx.train` and
-# returns a short description; its time is reported as a ratio to the epoch like the others.
+def stage_trak(ctx: Context) -> str:
+    """TRAK featurisation of the training set for one checkpoint, k ~ 2,048: LoGra's factored
+    projection with `k_in = k_out = floor(sqrt(2048 / n_layers))` per layer (helper `trak`'s API)."""
+    n_layers = len(ctx.calculator.ihvp_calculator.layers)
+    side = int(np.sqrt(2048 / n_layers))
+    projection = FactoredProjection(ctx.influence_model, k_in=side, k_out=side)
+    TRAK(ctx.influence_model, ctx.train, projection=projection)
+    return f"k = {projection.k} ({side} x {side} per layer)"
+
+
+# The timed stages, in order: one `(name, fn)` pair each; `fn(ctx)` returns a short description
+# and its time is reported as a ratio to the epoch. Add new stages here.
 STAGES: list[tuple[str, Callable[[Context], str]]] = [
     ("ekfac_factors", stage_factors),
     ("self_influence", stage_self_influence),
     ("pairwise_topk", stage_pairwise),
+    ("trak_featurise", stage_trak),
 ]
 
 
