@@ -171,7 +171,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     results["peak_rss_gib"] = peak_rss_gib()
+    if args.fidelity_rank:
+        results["fidelity"] = low_rank_fidelity(ctx, args.fidelity_rank)
     return results
+
+
+def low_rank_fidelity(ctx: Context, rank: int, n_train: int = 256, n_query: int = 32) -> dict[str, float]:
+    """Rank-`rank` queries against full rank on a slice: Pearson of the scores, overlap of the top-10."""
+    solver = ctx.calculator.ihvp_calculator
+    train, queries = ctx.train.unbatch().take(n_train).batch(64), ctx.queries.unbatch().take(n_query).batch(64)
+    scores = {}
+    for r in (None, rank):
+        solver.query_rank = r
+        calculator = FirstOrderInfluenceCalculator(ctx.influence_model, train, ihvp_calculator=solver)
+        scores[r] = calculator.influence_matrix(queries, train)
+    full, low = scores[None], scores[rank]
+    top_full, top_low = np.argsort(-full, axis=1)[:, :10], np.argsort(-low, axis=1)[:, :10]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_full, top_low)])
+    pearson = float(np.corrcoef(full.ravel(), low.ravel())[0, 1])
+    print(
+        f"query rank {rank} vs full rank ({n_query} x {n_train}): Pearson {pearson:.4f}, top-10 overlap {overlap:.3f}"
+    )
+    return {"rank": rank, "pearson": pearson, "top10_overlap": float(overlap)}
 
 
 def main() -> None:
@@ -180,6 +201,7 @@ def main() -> None:
     parser.add_argument("--n-query", type=int, default=1_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--query-rank", type=int, default=None, help="low-rank queries (default: full rank)")
+    parser.add_argument("--fidelity-rank", type=int, default=None, help="compare rank-r queries with full rank")
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated n_train values, one process each")
     parser.add_argument("--json", action="store_true", help="print one JSON line of results at the end")
     args = parser.parse_args()
