@@ -40,8 +40,9 @@ from vestigia.curvature.kronecker_factors import (
     precondition,
     summed_squares,
 )
+from vestigia.curvature.kronecker_scoring import KroneckerScoring
 from vestigia.data.dataset import Batch, iterate_batches
-from vestigia.errors import check_non_negative, check_positive_int
+from vestigia.errors import InvalidDataError, check_non_negative, check_positive_int
 from vestigia.gradients.fisher_labels import supports_sampling
 from vestigia.gradients.layer_capture import Captured, LayerCapture
 from vestigia.gradients.layer_kinds import LayerSpec
@@ -152,7 +153,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         self.layers: list[LayerFactors] = []
         self.diagonals: list[tuple[np.ndarray, float]] = []
         if self.train_dataset is None:
-            raise ValueError("`train_dataset` is required to fit Kronecker factors.")
+            raise InvalidDataError("`train_dataset` is required to fit Kronecker factors. Received: train_dataset=None")
         settings = {
             "method": type(self).__name__,
             "fisher": fisher,
@@ -282,10 +283,8 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         """`H v` per row with the (damped) Kronecker-factored curvature."""
         return self._apply(vectors, 1.0)
 
-    def factored_scoring(self) -> Any:
+    def factored_scoring(self) -> KroneckerScoring:
         """The scoring pairing that never forms `(n, n_params)` gradients (see `KroneckerScoring`)."""
-        from vestigia.curvature.kronecker_scoring import KroneckerScoring
-
         return KroneckerScoring(self)
 
 
