@@ -228,6 +228,22 @@ def test_factors_saved_and_loaded_with_fingerprint(tmp_path) -> None:  # type: i
         EKFACIHVP(im, _dataset(x, y), factors_path=path)
 
 
+def test_integer_sample_weights_equal_repeated_examples() -> None:
+    """`H` is the weighted mean: weight 2 on an example = the example twice (same n otherwise)."""
+    model = whole_models.mlp()
+    x, y = _data(12)
+    im = _quiet_model(model, _logits_loss())
+    weights = np.ones(12, "float32")
+    weights[:4] = 2.0
+    weighted = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(5)
+    repeated = _dataset(np.concatenate([x, x[:4]]), np.concatenate([y, y[:4]]))
+    first = EKFACIHVP(im, weighted, fisher="empirical", damping=0.1)
+    second = EKFACIHVP(im, repeated, fisher="empirical", damping=0.1)
+    probe = np.random.default_rng(0).normal(size=(3, im.nb_params))
+    # the means differ by n (12 vs 16): compare the sums
+    assert_close(first.hvp(probe).numpy() * 12 - 0.1 * 12 * probe, second.hvp(probe).numpy() * 16 - 1.6 * probe, RTOL)
+
+
 def test_non_finite_factors_name_the_layer() -> None:
     model = whole_models.mlp()
     x, y = _data(16)
