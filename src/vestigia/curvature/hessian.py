@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from vestigia.errors import NonFiniteError, check_finite
 from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.progress import known_length, track
 
 SMALL_MATRIX = 1024
 ROWS_PER_PRODUCT = 4096
@@ -70,7 +71,7 @@ def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str 
             )
             pending.clear()
 
-    for batch in model.feature_batches(dataset, name):
+    for batch in track(model.feature_batches(dataset, name), "Hessian (batches)", known_length(dataset)):
         pair = differentiator.dense_curvature(batch.features, batch.targets, batch.weights)
         if pair is not None:
             parts = (pair[0].numpy(), pair[1].numpy())

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -26,6 +24,7 @@ import numpy as np
 from vestigia.errors import InvalidDataError, NonFiniteError, check_positive_int
 from vestigia.evaluation.lds import correct_class_margin
 from vestigia.evaluation.storage import RetrainingStore, callable_name, data_fingerprint
+from vestigia.progress import bar
 
 Measure = Callable[[Any, Any], Any]
 
@@ -107,34 +106,6 @@ def _take(data: Any, index: np.ndarray) -> Any:
     return np.asarray(data)[index]
 
 
-class _Progress:
-    """A tqdm bar if tqdm is installed, else one stderr line per finished retraining."""
-
-    def __init__(self, label: str, total: int, done: int, enabled: bool) -> None:
-        self.label, self.total, self.done, self.enabled = label, total, done, enabled
-        self.bar: Any = None
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:
-            if done:
-                print(f"{label}: {done}/{total} retrainings already stored", file=sys.stderr)
-        else:
-            self.bar = tqdm(total=total, initial=done, desc=label, file=sys.stderr)
-
-    def step(self, job: int, seconds: float) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"{self.label}: {self.done}/{self.total} (job {job}) trained in {seconds:.1f} s", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _retrain_once(
     build_model: Callable[[], Any],
     train: Callable[[Any, Any, Any], Any],
@@ -194,17 +165,13 @@ def _run_retrainings(
         store = RetrainingStore(path, settings, keep, n_test)
     outputs: list[np.ndarray | None] = [store.load(job) if store else None for job in range(len(keep))]
     todo = [job for job, values in enumerate(outputs) if values is None]
-    reporter = _Progress(str(settings["kind"]), len(keep), len(keep) - len(todo), progress)
-    try:
+    with bar(len(keep), f"{settings['kind']} (retrainings)", enabled=progress, done=len(keep) - len(todo)) as reporter:
         for job in todo:
-            start = time.perf_counter()
             values = _retrain_once(build_model, train, data, keep[job], int(seeds[job]), measure, batch_size)
             if store is not None:
                 store.save(job, values)
             outputs[job] = values
-            reporter.step(job, time.perf_counter() - start)
-    finally:
-        reporter.close()
+            reporter.advance()
     return np.stack([values for values in outputs if values is not None])
 
 
@@ -240,7 +207,7 @@ def retrain_on_subsets(
         seed: seed of the subsets and (offset by `s`) of each retraining.
         path: directory where masks and outputs are stored and resumed from (None: memory only).
         measure: `measure(model.predict(x_test), y_test) -> (n_test,)`, higher = better.
-        progress: show progress on stderr (tqdm if installed).
+        progress: show a progress bar on stderr (`vestigia.progress`; False: silent).
         batch_size: batch size of `model.predict`.
 
     Returns:

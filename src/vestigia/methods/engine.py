@@ -36,11 +36,17 @@ from vestigia.data.dataset import (
 )
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
+from vestigia.progress import known_length, track
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
 from vestigia.store.calculator import open_calculator_store, stored_rows
 
 StorePath = str | os.PathLike[str]
+
+
+def _n_batches(data: Any) -> int | None:
+    """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
+    return known_length(data) if isinstance(data, tf.data.Dataset) else None
 
 
 def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -93,7 +99,8 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             if store is not None:
                 return self._stored_self_influence(train_set, store)
-            values = [np.asarray(self._checked_values(b), np.float32) for b in self._batches(train_set, "train_set")]
+            batches = track(self._batches(train_set, "train_set"), "self-influence (batches)", _n_batches(train_set))
+            values = [np.asarray(self._checked_values(b), np.float32) for b in batches]
         return np.concatenate(values)
 
     def _stored_self_influence(self, train_set: Any, store: StorePath) -> np.ndarray:
@@ -183,7 +190,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def _train_sides(self, train_set: Any, store: StorePath | None) -> Iterator[list[Any]]:
         """Training-side vectors of each batch, one per component; cached per batch in `store`."""
-        batches = self._batches(train_set, "train_set")
+        batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
         compute = lambda b: [self._score_train_side(b, c) for c in range(self.n_components)]  # noqa: E731
         if store is None:
             return map(compute, batches)

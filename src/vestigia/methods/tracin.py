@@ -52,6 +52,15 @@ class TracIn(BaseInfluenceCalculator):
         # Score with factored Dense gradients (<g_i, g_j> = <a_i, a_j><d_i, d_j>) where smaller.
         self._factored = [0 < sum(i + o for i, o in m.differentiator.factor_widths) < m.nb_params for m in self.models]
 
+    @classmethod
+    def from_checkpoints(cls, directory: str, **options: Any) -> TracIn:
+        """TracIn over the checkpoints that `vestigia.callbacks.CheckpointRecorder` saved in `directory`
+        during `model.fit`, with their recorded learning rates (`options`: see
+        `vestigia.callbacks.tracin_from_checkpoints`)."""
+        from vestigia.callbacks import tracin_from_checkpoints
+
+        return tracin_from_checkpoints(directory, **options)
+
     def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
         """`sqrt(eta_c) g_c(z)`, `(batch, n_params_c)`."""
         return np.sqrt(self.learning_rates[component]) * example_gradients(self.models[component], batch)
