@@ -99,14 +99,15 @@ def _rotate_first(positions: int | None, n_in: int, n_out: int) -> bool:
 
 
 def rotated_gradients(a: tf.Tensor, d: tf.Tensor, q_in: tf.Tensor | None, q_out: tf.Tensor) -> tf.Tensor:
-    """`Q_A^T G_i Q_S` for each example, `(batch, in, out)` (traced code)."""
+    """`Q_A^T G_i Q_S` for each example, `(batch, in, out)` (traced code; plain broadcast matmuls,
+    which avoid the transposes `einsum` inserts)."""
     if _rotate_first(a.shape[1], a.shape[-1], d.shape[-1]):
-        a = a if q_in is None else tf.einsum("bti,ij->btj", a, q_in)
-        return tf.einsum("bti,bto->bio", a, tf.einsum("bto,op->btp", d, q_out))
-    gradient = tf.einsum("bti,bto->bio", a, d)
+        a = a if q_in is None else tf.matmul(a, q_in)
+        return tf.matmul(a, tf.matmul(d, q_out), transpose_a=True)
+    gradient = tf.matmul(a, d, transpose_a=True)
     if q_in is not None:
-        gradient = tf.einsum("bio,ij->bjo", gradient, q_in)
-    return tf.einsum("bio,op->bip", gradient, q_out)
+        gradient = tf.matmul(q_in, gradient, transpose_a=True)
+    return tf.matmul(gradient, q_out)
 
 
 def weighted_squares(
