@@ -47,6 +47,7 @@ from vestigia.gradients.fisher_labels import supports_sampling
 from vestigia.gradients.layer_capture import Captured, LayerCapture
 from vestigia.gradients.layer_kinds import LayerSpec
 from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.progress import known_length, track
 from vestigia.store import fingerprint
 
 FISHERS = ("true", "empirical")
@@ -193,7 +194,8 @@ class KroneckerIHVP(InverseHessianVectorProduct):
 
         run = self.capture.traced(rescaled, sampled=sampled)
         batches = iterate_batches(self.train_dataset, self.model.process_batch_for_loss_fn, "train_dataset")
-        for index, batch in enumerate(batches):
+        total = known_length(self.train_dataset)
+        for index, batch in enumerate(track(batches, "Kronecker factors (batches)", total)):
             weights = _batch_weights(batch)
             args = [batch.inputs, batch.targets, weights]
             if sampled:

@@ -12,6 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from vestigia.progress import bar, track
+
 Operator = np.ndarray | Callable[[np.ndarray], np.ndarray]
 
 
@@ -61,20 +63,22 @@ def conjugate_gradient(
     active = np.sqrt(rs) > threshold
     negative = np.zeros(len(b), dtype=bool)
     iterations = 0
-    while active.any() and iterations < max_iterations:
-        ap = apply(p)
-        iterations += 1
-        curvature = np.einsum("ij,ij->i", p, ap)
-        safe = active & (curvature > 0)
-        negative |= active & ~safe
-        alpha = np.where(safe, rs / np.where(safe, curvature, 1.0), 0.0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        rs_new = np.einsum("ij,ij->i", r, r)
-        active = safe & (np.sqrt(rs_new) > threshold)
-        beta = np.where(active, rs_new / np.where(rs > 0, rs, 1.0), 0.0)
-        p = np.where(active[:, None], r + beta[:, None] * p, 0.0)
-        rs = rs_new
+    with bar(max_iterations, "CG iterations") as progress:
+        while active.any() and iterations < max_iterations:
+            ap = apply(p)
+            iterations += 1
+            progress.advance()
+            curvature = np.einsum("ij,ij->i", p, ap)
+            safe = active & (curvature > 0)
+            negative |= active & ~safe
+            alpha = np.where(safe, rs / np.where(safe, curvature, 1.0), 0.0)
+            x += alpha[:, None] * p
+            r -= alpha[:, None] * ap
+            rs_new = np.einsum("ij,ij->i", r, r)
+            active = safe & (np.sqrt(rs_new) > threshold)
+            beta = np.where(active, rs_new / np.where(rs > 0, rs, 1.0), 0.0)
+            p = np.where(active[:, None], r + beta[:, None] * p, 0.0)
+            rs = rs_new
     norms = np.sqrt(rs)
     return CGResult(x, iterations, norms, norms <= threshold, negative)
 
@@ -93,7 +97,7 @@ def lissa(
     apply = as_callable(operator)
     b = np.asarray(rhs, dtype=np.float64)
     x = b.copy()
-    for _ in range(iterations):
+    for _ in track(range(iterations), "LiSSA iterations"):
         x = b + x - apply(x) / scale
     return x / scale
 
@@ -115,7 +119,7 @@ def stochastic_lissa(
     b = np.asarray(rhs, dtype=np.float64)
     rng = np.random.default_rng(seed)
     total = np.zeros_like(b)
-    for _ in range(repeats):
+    for _ in track(range(repeats), "LiSSA repeats"):
         x = b.copy()
         for _ in range(depth):
             x = b + x - sample_operator(rng)(x) / scale

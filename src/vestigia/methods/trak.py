@@ -30,6 +30,7 @@ from vestigia.errors import InvalidModelError, check_non_negative
 from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.methods.margins import OUTPUTS, infer_outputs, margin_function, out_to_loss
 from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.progress import track
 from vestigia.projection.features import make_projection, projected_gradients
 from vestigia.projection.gram import damped_gram_inverse
 
@@ -150,7 +151,7 @@ class TRAK(BaseInfluenceCalculator):
         `Q` includes the examples' sample weights.
         """
         features, weights = [], []
-        for batch in self._batches(dataset, "dataset"):
+        for batch in track(self._batches(dataset, "dataset"), "TRAK features (batches)"):
             phi, q = self._features(batch, component)
             features.append(phi.numpy())
             weights.append(q.numpy())
@@ -166,7 +167,8 @@ class TRAK(BaseInfluenceCalculator):
 
     def _kernel(self, component: int) -> tuple[tf.Tensor, float, int]:
         """`(Phi^T Phi / n + lambda I)^-1` in float64, the damping used, and `n`."""
-        batches = (self._features(b, component)[0] for b in self._batches(self.train_set, "train_set"))
+        train = track(self._batches(self.train_set, "train_set"), "TRAK kernel (batches)")
+        batches = (self._features(b, component)[0] for b in train)
         return damped_gram_inverse(batches, self.damping, "train_set")
 
     def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
