@@ -26,14 +26,26 @@ LOSS = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
 @dataclass
 class Context:
     """What a method is built from: the trained logits model, its TracIn checkpoints (with their
-    learning-rate weights), the training data as a batched dataset, and the setting."""
+    learning-rate weights), the training data as a batched dataset, the setting, and
+    `train_model(seed)`, which trains another model on the same labels (for ensembles)."""
 
     setting: Setting
     model: keras.Model
     checkpoints: list[keras.Model]
     checkpoint_rates: list[float]
     train: tf.data.Dataset
+    train_model: Callable[[int], keras.Model] | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+
+    def ensemble(self, size: int) -> list[keras.Model]:
+        """The context's model and `size - 1` more trained independently (seeds `seed + 1000 + i`),
+        trained once per context and shared by the methods."""
+        models = self.shared.setdefault("ensemble", [self.model])
+        if len(models) < size and self.train_model is None:
+            raise ValueError(f"this context cannot train an ensemble of {size} models (no `train_model`)")
+        while len(models) < size:
+            models.append(self.train_model(self.setting.seed + 1000 + len(models)))
+        return models[:size]
 
     def rebatched(self, batch_size: int) -> Context:
         """The same context with the training data in batches of `batch_size` (shared state kept)."""
@@ -109,26 +121,29 @@ class RandomBaseline:
         return self.rng.normal(size=(n_test, sum(int(x.shape[0]) for x, _ in train)))
 
 
-def _exact_ihvp(context: Context) -> Any:
-    """The exact solver of the last layer, built once per context (RelatIF reuses exact's)."""
-    if "exact" not in context.shared:
+def _exact_ihvp(context: Context, all_layers: bool = False) -> Any:
+    """The exact solver of the last (or every) layer, built once per context (RelatIF reuses exact's)."""
+    key = "exact (all layers)" if all_layers else "exact"
+    if key not in context.shared:
         from vestigia import ExactIHVP
 
-        context.shared["exact"] = ExactIHVP(context.influence_model(), context.train, damping=context.setting.damping)
-    return context.shared["exact"]
+        model = context.influence_model(all_layers)
+        context.shared[key] = ExactIHVP(model, context.train, damping=context.setting.damping)
+    return context.shared[key]
 
 
-def _first_order(solver: str, normalize: bool = False) -> Callable[[Any, Context], Any]:
+def _first_order(solver: str, normalize: bool = False, all_layers: bool = False) -> Callable[[Any, Context], Any]:
     def build(cls: Any, c: Context) -> Any:
         s = c.setting
+        model = c.influence_model(all_layers)
         if solver == "exact":
-            return cls(c.influence_model(), c.train, ihvp_calculator=_exact_ihvp(c), normalize=normalize)
+            return cls(model, c.train, ihvp_calculator=_exact_ihvp(c, all_layers), normalize=normalize)
         options: dict[str, Any] = {"damping": s.damping}
         if solver == "cgd":
             options["n_opt_iters"] = s.cg_iters
         else:
             options.update(n_opt_iters=s.lissa_iters, scale=s.lissa_scale)
-        return cls(c.influence_model(), c.train, solver, n_samples_for_hessian=s.cg_hessian_samples, **options)
+        return cls(model, c.train, solver, n_samples_for_hessian=s.cg_hessian_samples, **options)
 
     return build
 
@@ -192,6 +207,10 @@ METHODS: list[Method] = [
     Method("RelatIF (exact)", "FirstOrderInfluenceCalculator", _first_order("exact", True)),
     Method("Influence (CG)", "FirstOrderInfluenceCalculator", _first_order("cgd")),
     Method("Influence (LiSSA)", "FirstOrderInfluenceCalculator", _first_order("lissa")),
+    Method("Influence (exact, all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", all_layers=True)),
+    Method("RelatIF (exact, all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", True, True)),
+    Method("Influence (CG, all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
+    Method("Influence (LiSSA, all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
     Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
     Method("TracIn", "TracIn", _tracin(False)),
@@ -211,9 +230,21 @@ METHODS: list[Method] = [
 ]
 
 
+LAST_LAYER_ONLY = ("Influence (", "RelatIF (", "Arnoldi", "TracIn")
+
+
 def methods_for(setting: Setting) -> list[Method]:
-    """The methods that apply to a setting (all-layer variants only where asked)."""
-    return [m for m in METHODS if setting.all_layer_variants or "(all layers)" not in m.name]
+    """The methods that apply to a setting: all-layer variants only where asked, rows watching
+    only the last layer unless the setting turns them off."""
+    chosen = []
+    for m in METHODS:
+        whole = "all layers)" in m.name
+        if whole and not setting.all_layer_variants:
+            continue
+        if not whole and not setting.last_layer_rows and m.name.startswith(LAST_LAYER_ONLY):
+            continue
+        chosen.append(m)
+    return chosen
 
 
 def available(method: Method) -> Any | None:

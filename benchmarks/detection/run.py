@@ -82,13 +82,19 @@ def tracin_rates(setting: Setting, n_train: int) -> list[float]:
     return [float(rates[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _fit(setting: Setting, split: Split, labels: np.ndarray, seed: int) -> tuple[keras.Model, list[keras.Model]]:
+    """Seeded training of the setting's model on `labels`: the model and its TracIn checkpoints."""
+    build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
+    keras.utils.set_random_seed(seed)
+    model = build()
+    checkpoints = trainer(setting)(model, split.x_train, labels, setting.tracin_epochs)
+    return model, checkpoints
+
+
 def _train(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context, float]:
     """Seeded training of the setting's model on `labels`; the `Context` methods are built from."""
-    build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
-    keras.utils.set_random_seed(setting.seed)
-    model = build()
     start = time.perf_counter()
-    checkpoints = trainer(setting)(model, split.x_train, labels, setting.tracin_epochs)
+    model, checkpoints = _fit(setting, split, labels, setting.seed)
     seconds = time.perf_counter() - start
     data = tf.data.Dataset.from_tensor_slices((split.x_train, one_hot(labels, split.n_classes)))
     context = Context(
@@ -97,6 +103,7 @@ def _train(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context,
         checkpoints,
         tracin_rates(setting, len(labels)),
         data.batch(setting.influence_batch_size),
+        train_model=lambda seed: _fit(setting, split, labels, seed)[0],
     )
     return context, seconds
 
@@ -156,6 +163,35 @@ def _notes(setting: Setting) -> list[str]:
     ]
 
 
+def ground_truth(setting: Setting, split: Split, cache_dir: Path | None, log: Any) -> tuple[Any, str]:
+    """Margins of models retrained on random subsets of the clean labels (cached, resumable), and a fact line."""
+    build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
+    x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
+    path = None if cache_dir is None else cache_dir / f"{setting.name}-{setting.fingerprint()}"
+    cached = 0 if path is None else len(list(path.glob("outputs/job_*.npy")))
+    start = time.perf_counter()
+    truth = retrain_on_subsets(
+        build,
+        trainer(setting),
+        split.x_train,
+        split.y_train,
+        x_lds,
+        y_lds,
+        n_subsets=setting.lds_subsets,
+        fraction=setting.lds_fraction,
+        seed=setting.seed,
+        path=path,
+        measure=correct_class_margin,
+        progress=log is not _silent,
+    )
+    fact = (
+        f"{setting.lds_subsets} models retrained on {setting.lds_fraction:.0%} subsets of the clean labels,"
+        f" {setting.lds_n_test} test images; {time.perf_counter() - start:.0f} s"
+        + ("" if path is None else f" ({cached} of them loaded from the cache)")
+    )
+    return truth, fact
+
+
 def run_setting(
     setting: Setting, wanted: set[str] | None, cache_dir: Path | None, lds: bool, log: Any
 ) -> SettingResult:
@@ -169,31 +205,9 @@ def run_setting(
     }
     do_lds = lds and setting.lds
     truth = None
+    x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
     if do_lds:
-        build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
-        x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
-        path = None if cache_dir is None else cache_dir / f"{setting.name}-{setting.fingerprint()}"
-        cached = 0 if path is None else len(list(path.glob("outputs/job_*.npy")))
-        start = time.perf_counter()
-        truth = retrain_on_subsets(
-            build,
-            trainer(setting),
-            split.x_train,
-            split.y_train,
-            x_lds,
-            y_lds,
-            n_subsets=setting.lds_subsets,
-            fraction=setting.lds_fraction,
-            seed=setting.seed,
-            path=path,
-            measure=correct_class_margin,
-            progress=log is not _silent,
-        )
-        facts["LDS ground truth"] = (
-            f"{setting.lds_subsets} models retrained on {setting.lds_fraction:.0%} subsets of the clean labels,"
-            f" {setting.lds_n_test} test images; {time.perf_counter() - start:.0f} s"
-            + ("" if path is None else f" ({cached} of them loaded from the cache)")
-        )
+        truth, facts["LDS ground truth"] = ground_truth(setting, split, cache_dir, log)
     context, seconds = _train(setting, split, split.y_train_noisy)
     model = context.model
     facts["noisy model"] = (
@@ -201,7 +215,9 @@ def run_setting(
         f" {accuracy(model, split.x_train, split.y_train_noisy):.3f}, on the true training labels"
         f" {accuracy(model, split.x_train, split.y_train):.3f}, test {accuracy(model, split.x_test, split.y_test):.3f}"
     )
-    facts["watched parameters"] = f"{context.influence_model().nb_params} (last layer)"
+    facts["watched parameters"] = (
+        f"{context.influence_model().nb_params} (last layer), {context.influence_model(True).nb_params} (all layers)"
+    )
     rows, runnable = [], []
     for method in methods:
         row = MethodResult(method.name)
@@ -223,10 +239,12 @@ def run_setting(
                 row.status = _failure(error)
                 log(f"  {method.name}: {row.status}\n{traceback.format_exc()}")
         gc.collect()
-    exact = context.shared.get("exact")
-    if exact is not None:
-        eigenvalues = np.asarray(exact.eigenvalues)
-        facts["eigenvalues of H + damping (exact, noisy model)"] = f"[{eigenvalues.min():.4g}, {eigenvalues.max():.4g}]"
+    for key in ("exact", "exact (all layers)"):
+        if context.shared.get(key) is not None:
+            eigenvalues = np.asarray(context.shared[key].eigenvalues)
+            facts[f"eigenvalues of H + damping ({key}, noisy model)"] = (
+                f"[{eigenvalues.min():.4g}, {eigenvalues.max():.4g}]"
+            )
     context.shared.clear()
     if do_lds and runnable:
         clean, seconds = _train(setting, split, split.y_train)
@@ -280,6 +298,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=None, help="where the report, JSON and PNGs go")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="LDS retraining cache ('' = no cache)")
     parser.add_argument("--no-lds", action="store_true", help="skip the LDS (no retraining)")
+    parser.add_argument(
+        "--truth-only", action="store_true", help="only compute (and cache) the LDS ground truth, then stop"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser.parse_args(argv)
 
@@ -306,11 +327,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         setting = quick(SETTINGS[name]) if args.quick else SETTINGS[name]
         logger(f"[{name}] {setting.title}")
+        if args.truth_only:
+            if setting.lds:
+                logger("  LDS ground truth: " + ground_truth(setting, load_split(setting), cache_dir, logger)[1])
+            continue
         setting_start = time.perf_counter()
         result = run_setting(setting, wanted, cache_dir, not args.no_lds, logger)
         result.facts["setting wall time"] = f"{time.perf_counter() - setting_start:.0f} s"
         results.append(result)
         plot_curves(result, str(out_dir / f"curves_{name}.png"), setting.noise)
+    if args.truth_only:
+        return 0
     header["total wall time"] = f"{time.perf_counter() - start:.0f} s"
     header["command"] = "python benchmarks/detection/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     settings_text = {n: dataclasses.asdict(quick(SETTINGS[n]) if args.quick else SETTINGS[n]) for n in names}
