@@ -207,10 +207,10 @@ METHODS: list[Method] = [
     Method("RelatIF (exact)", "FirstOrderInfluenceCalculator", _first_order("exact", True)),
     Method("Influence (CG)", "FirstOrderInfluenceCalculator", _first_order("cgd")),
     Method("Influence (LiSSA)", "FirstOrderInfluenceCalculator", _first_order("lissa")),
-    Method("Influence (exact, all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", all_layers=True)),
-    Method("RelatIF (exact, all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", True, True)),
-    Method("Influence (CG, all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
-    Method("Influence (LiSSA, all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
+    Method("Influence exact (all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", all_layers=True)),
+    Method("RelatIF exact (all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", True, True)),
+    Method("Influence CG (all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
+    Method("Influence LiSSA (all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
     Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
     Method("TracIn", "TracIn", _tracin(False)),
@@ -238,7 +238,7 @@ def methods_for(setting: Setting) -> list[Method]:
     only the last layer unless the setting turns them off."""
     chosen = []
     for m in METHODS:
-        whole = "all layers)" in m.name
+        whole = "(all layers)" in m.name
         if whole and not setting.all_layer_variants:
             continue
         if not whole and not setting.last_layer_rows and m.name.startswith(LAST_LAYER_ONLY):

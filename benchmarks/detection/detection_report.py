@@ -15,6 +15,7 @@ class MethodResult:
 
     name: str
     status: str = "ok"
+    detection_status: str = ""
     auc: float = math.nan
     found: dict[float, float] = field(default_factory=dict)
     area_under_curve: float = math.nan
@@ -80,7 +81,7 @@ def table(result: SettingResult) -> str:
         else:
             cells = [
                 row.name,
-                _number(row.auc),
+                row.detection_status or _number(row.auc),
                 _number(row.found.get(0.1, math.nan)),
                 _number(row.found.get(0.2, math.nan)),
             ]

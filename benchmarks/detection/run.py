@@ -229,12 +229,15 @@ def run_setting(
             row.status = "not available"
         else:
             try:
-                calculator = _detect(method, cls, context, split, row, log)
-                if do_lds and hasattr(calculator, "influence_matrix"):
+                reason = setting.skip_detection.get(method.name)
+                if reason is None:
+                    pairwise = hasattr(_detect(method, cls, context, split, row, log), "influence_matrix")
+                else:
+                    row.detection_status, pairwise = "skipped: " + reason, True  # the LDS pass still builds it
+                if do_lds and pairwise:
                     runnable.append((method, cls, row))
                 elif do_lds:
                     row.lds_status = "n/a (no pairwise values)"
-                del calculator
             except Exception as error:  # noqa: BLE001 - report and go on with the other methods
                 row.status = _failure(error)
                 log(f"  {method.name}: {row.status}\n{traceback.format_exc()}")
