@@ -8,6 +8,7 @@ from typing import Any
 from vestigia.curvature.base import InverseHessianVectorProduct
 from vestigia.curvature.exact import ExactIHVP
 from vestigia.curvature.iterative import ConjugateGradientDescentIHVP, LissaIHVP
+from vestigia.curvature.kfac import EKFACIHVP, KFACIHVP
 from vestigia.model.influence_model import BaseInfluenceModel
 
 
@@ -17,17 +18,21 @@ class IHVPCalculator(Enum):
     Exact = "exact"
     Cgd = "cgd"
     Lissa = "lissa"
+    Kfac = "kfac"
+    Ekfac = "ekfac"
 
     @staticmethod
     def from_string(name: str) -> IHVPCalculator:
         return IHVPCalculator(_ALIASES.get(name.lower(), name.lower()))
 
 
-_ALIASES = {"cg": "cgd", "conjugate_gradient": "cgd"}
+_ALIASES = {"cg": "cgd", "conjugate_gradient": "cgd", "k-fac": "kfac", "ek-fac": "ekfac"}
 _CLASSES: dict[str, type[InverseHessianVectorProduct]] = {
     "exact": ExactIHVP,
     "cgd": ConjugateGradientDescentIHVP,
     "lissa": LissaIHVP,
+    "kfac": KFACIHVP,
+    "ekfac": EKFACIHVP,
 }
 
 
@@ -38,10 +43,11 @@ def get(
 
     Args:
         identifier: an `InverseHessianVectorProduct` instance (returned as is), a subclass, an
-            `IHVPCalculator` member, or one of "exact", "cgd" (alias "cg"), "lissa".
+            `IHVPCalculator` member, or one of "exact", "cgd" (alias "cg"), "lissa", "kfac", "ekfac".
         influence_model: the model whose Hessian is inverted.
         dataset: batched training data defining the Hessian.
-        **options: solver settings (`damping`, `n_opt_iters`, `scale`, `tol`, ...).
+        **options: solver settings (`damping`, `n_opt_iters`, `scale`, `tol`, ...; for "kfac" /
+            "ekfac": `damping_fraction`, `fisher`, `seed`, `query_rank`, `factors_path`).
 
     Raises:
         ValueError: an unknown name. TypeError: an object of another type.

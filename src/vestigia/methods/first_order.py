@@ -76,7 +76,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
     Args:
         model: the `InfluenceModel`.
         dataset: batched training data (defines `H` unless a solver instance is given).
-        ihvp_calculator: "exact", "cgd" ("cg"), "lissa", an `IHVPCalculator`, a solver class or
+        ihvp_calculator: "exact", "cgd" ("cg"), "lissa", "kfac", "ekfac", an `IHVPCalculator`, a solver class or
             an instance (used as is; `n_samples_for_hessian` then has no effect).
         n_samples_for_hessian: build `H` on this many training examples.
         shuffle_buffer_size: shuffle buffer used to draw them.
@@ -108,6 +108,9 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
             **ihvp_options,
         )
         self.normalize = bool(normalize)
+        # Solvers with a factored pairing (K-FAC / EK-FAC) score without (n, n_params) gradients.
+        factored = getattr(self.ihvp_calculator, "factored_scoring", None)
+        self._factored = factored() if factored is not None and not self.normalize else None
 
     def _gradients(self, batch: Batch) -> tf.Tensor:
         return example_gradients(self.model, batch)
@@ -130,13 +133,24 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
         return self._gradients(batch)
 
     def _score_train_side(self, batch: Batch, component: int) -> tf.Tensor:
+        if self._factored is not None:
+            return batch  # paired by `_factored.pair`
         return self._influence_vector(batch) if self.normalize else self._gradients(batch)
 
     def _score_test_side(self, batch: Batch, component: int) -> tf.Tensor:
+        if self._factored is not None:
+            return self._factored.test_side(batch)
         grads = self._gradients(batch)
         return grads if self.normalize else self.ihvp_calculator.solve(grads)
 
+    def _pair(self, test_side: tf.Tensor, train_side: tf.Tensor, component: int) -> tf.Tensor:
+        if self._factored is not None:
+            return self._factored.pair(test_side, train_side)
+        return super()._pair(test_side, train_side, component)
+
     def _self_influence(self, batch: Batch) -> np.ndarray:
+        if self._factored is not None:
+            return self._factored.self_influence(batch)
         grads = self._gradients(batch)
         return tf.reduce_sum(grads * self._normalized(self.ihvp_calculator.solve(grads)), axis=1).numpy()
 

@@ -1,0 +1,297 @@
+"""K-FAC and EK-FAC inverse-Hessian-vector products over every watched layer of a whole model.
+
+The curvature is block-diagonal across layers. Each factorable layer's block is
+`(Q_A (x) Q_S) diag(Lambda + lambda_L) (Q_A (x) Q_S)^T` (see
+`vestigia.curvature.kronecker_factors`), so for a vector `V` reshaped to the layer's `(in, out)`
+matrix (kernel rows, then the bias row)
+
+    H^-1 V = Q_A [(Q_A^T V Q_S) / (Lambda + lambda_L)] Q_S^T,
+
+and every other watched weight gets `v / (E[g^2] + lambda)`. The Fisher is the *true* Fisher by
+default (labels drawn from the model's predictive distribution with a fixed seed; for the
+losses of `vestigia.gradients.fisher_labels` it is the Gauss-Newton matrix of the mean training
+loss), or the empirical Fisher (`fisher="empirical"`, the given labels). Damping:
+`lambda_L = damping_fraction * mean(Lambda_L)` per layer (default 0.1), or `damping` for all.
+
+Factors cost one pass over the training data (K-FAC) or two (EK-FAC: covariances, then the
+eigenvalue refit); with `factors_path` they are saved with the fingerprint of the model's
+weights, the layers, the data and the settings, and loaded (refusing a mismatch) next time.
+`factored_scoring()` scores without forming `(n, n_params)` gradients (see
+`vestigia.curvature.kronecker_scoring`); `FirstOrderInfluenceCalculator` uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from vestigia.curvature.base import InverseHessianVectorProduct
+from vestigia.curvature.factor_file import load_factors, save_factors
+from vestigia.curvature.kronecker_factors import (
+    LayerFactors,
+    batch_covariances,
+    eigenbasis,
+    layer_damping,
+    precondition,
+    summed_squares,
+)
+from vestigia.data.dataset import Batch, iterate_batches
+from vestigia.errors import check_non_negative, check_positive_int
+from vestigia.gradients.fisher_labels import supports_sampling
+from vestigia.gradients.layer_capture import Captured, LayerCapture
+from vestigia.gradients.layer_kinds import LayerSpec
+from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.store import fingerprint
+
+FISHERS = ("true", "empirical")
+
+
+def _batch_weights(batch: Batch) -> tf.Tensor:
+    return tf.ones([batch.size], tf.float32) if batch.weights is None else tf.cast(batch.weights, tf.float32)
+
+
+class ParameterLayout:
+    """Maps the flat watched-parameter vector `(m, n_params)` to per-layer `(m, in, out)` matrices."""
+
+    def __init__(self, variables: list[Any], specs: list[LayerSpec], others: list[Any]) -> None:
+        self.offsets: dict[int, tuple[int, int]] = {}
+        start = 0
+        for v in variables:
+            size = int(np.prod(v.shape))
+            self.offsets[id(v)] = (start, start + size)
+            start += size
+        self.n_params = start
+        self.specs, self.others = specs, others
+
+    def _slice(self, vectors: np.ndarray, variable: Any) -> np.ndarray:
+        start, stop = self.offsets[id(variable)]
+        return vectors[:, start:stop]
+
+    def to_matrices(self, vectors: np.ndarray, spec: LayerSpec) -> np.ndarray:
+        """The layer's part of `vectors` as `(m, in, out)` (kernel in grouped order, bias row last)."""
+        m = vectors.shape[0]
+        kernel = self._slice(vectors, spec.kernel)
+        if spec.equation is not None:
+            grouped = kernel.reshape([m] + [int(s) for s in spec.kernel.shape])
+            grouped = np.transpose(grouped, [0] + [1 + int(p) for p in np.argsort(spec.kernel_axes)])
+            kernel = grouped.reshape(m, -1)
+        matrix = kernel.reshape(m, -1, spec.n_out)
+        if spec.has_bias:
+            matrix = np.concatenate([matrix, self._slice(vectors, spec.bias)[:, None, :]], axis=1)
+        return matrix
+
+    def write_matrices(self, out: np.ndarray, matrices: np.ndarray, spec: LayerSpec) -> None:
+        """Inverse of `to_matrices`: write `(m, in, out)` into the flat rows `out`."""
+        parts = spec.kernel_gradient(tf.constant(matrices))
+        for variable, part in zip(spec.variables, parts):
+            start, stop = self.offsets[id(variable)]
+            out[:, start:stop] = part.numpy()
+
+    def other_slice(self, vectors: np.ndarray, variable: Any) -> np.ndarray:
+        return self._slice(vectors, variable)
+
+    def write_other(self, out: np.ndarray, values: np.ndarray, variable: Any) -> None:
+        start, stop = self.offsets[id(variable)]
+        out[:, start:stop] = values
+
+
+class KroneckerIHVP(InverseHessianVectorProduct):
+    """Shared machinery of `KFACIHVP` and `EKFACIHVP` (use those).
+
+    Args:
+        influence_model: the model; every watched weight is covered (Kronecker factors for
+            `Dense`, `EinsumDense`, `Conv1D`, `Conv2D`, `Embedding`; a diagonal for the rest).
+        train_dataset: batched training data defining the Fisher.
+        damping: one absolute damping for every layer (>= 0), or None for
+            `damping_fraction * mean eigenvalue` per layer.
+        damping_fraction: see `damping` (default 0.1).
+        fisher: "true" (labels sampled from the model, seeded) or "empirical" (given labels).
+        seed: seed of the sampled labels.
+        query_rank: if set, `factored_scoring` keeps a rank-`query_rank` SVD of each query's
+            preconditioned gradient per layer instead of the full matrix.
+        factors_path: `.npz` file: loaded (if it exists and its fingerprint matches) or written.
+    """
+
+    corrected = False
+
+    def __init__(
+        self,
+        influence_model: BaseInfluenceModel,
+        train_dataset: Any,
+        damping: float | None = None,
+        damping_fraction: float = 0.1,
+        fisher: str = "true",
+        seed: int = 0,
+        query_rank: int | None = None,
+        factors_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        super().__init__(influence_model, train_dataset, 0.0)
+        self.damping_value = None if damping is None else check_non_negative("damping", damping)
+        self.damping_fraction = check_non_negative("damping_fraction", damping_fraction)
+        if fisher not in FISHERS:
+            raise ValueError(f"`fisher` must be one of {FISHERS}. Received: fisher={fisher!r}")
+        loss = influence_model.loss_function
+        if fisher == "true" and not supports_sampling(loss):
+            warnings.warn(
+                f"No label sampling for the loss {type(loss).__name__}: the empirical Fisher (given labels) is "
+                "used instead of the true Fisher. Pass fisher='empirical' to silence this.",
+                UserWarning,
+                stacklevel=3,
+            )
+            fisher = "empirical"
+        self.fisher = fisher
+        self.seed = int(seed)
+        self.query_rank = None if query_rank is None else check_positive_int("query_rank", query_rank)
+        self.capture = LayerCapture(influence_model.model, loss, influence_model.weights)
+        self.layout = ParameterLayout(influence_model.weights, self.capture.specs, self.capture.others)
+        self.layers: list[LayerFactors] = []
+        self.diagonals: list[tuple[np.ndarray, float]] = []
+        if self.train_dataset is None:
+            raise ValueError("`train_dataset` is required to fit Kronecker factors.")
+        settings = {
+            "method": type(self).__name__,
+            "fisher": fisher,
+            "seed": self.seed,
+            "damping": self.damping_value,
+            "damping_fraction": self.damping_fraction,
+            "layers": [[s.name, s.kind, s.n_in, s.n_out] for s in self.capture.specs],
+        }
+        if factors_path is not None and os.path.exists(factors_path):
+            expected = fingerprint(influence_model, self.train_dataset, settings)
+            self.layers, self.diagonals = load_factors(
+                factors_path, expected, len(self.capture.specs), len(self.capture.others)
+            )
+            return
+        self._fit()
+        if factors_path is not None:
+            save_factors(
+                factors_path, self.layers, self.diagonals, fingerprint(influence_model, self.train_dataset, settings)
+            )
+
+    # -- fitting -------------------------------------------------------------------------------
+
+    def _passes(self, reducer: Any) -> Any:
+        """Yield `reducer(captured)` per training batch, with sampled labels for the true Fisher."""
+        sampled = self.fisher == "true"
+        run = self.capture.traced(reducer, sampled=sampled)
+        batches = iterate_batches(self.train_dataset, self.model.process_batch_for_loss_fn, "train_dataset")
+        for index, batch in enumerate(batches):
+            args = [batch.inputs, batch.targets, _batch_weights(batch)]
+            if sampled:
+                args.append(tf.constant(self.seed * 1_000_003 + index, tf.int32))
+            yield batch.size, run(*args)
+
+    def _fit(self) -> None:
+        specs = self.capture.specs
+        diagonal_input = [s.diagonal_input for s in specs]
+
+        def covariances(captured: Captured) -> Any:
+            squares = [tf.reduce_sum(tf.square(g), axis=0) for g in captured.others]
+            return batch_covariances(captured.inputs, captured.deltas, diagonal_input), squares
+
+        sums_in = [np.zeros(s.n_in if s.diagonal_input else (s.n_in, s.n_in)) for s in specs]
+        sums_out = [np.zeros((s.n_out, s.n_out)) for s in specs]
+        sums_other = [np.zeros(int(np.prod(v.shape))) for v in self.capture.others]
+        n = 0
+        for size, (covs, squares) in self._passes(covariances):
+            n += size
+            for i, (cov_in, cov_out) in enumerate(covs):
+                sums_in[i] += cov_in.numpy()
+                sums_out[i] += cov_out.numpy()
+            for i, square in enumerate(squares):
+                sums_other[i] += square.numpy()
+        bases = [eigenbasis(s.name, a / n, d / n) for s, a, d in zip(specs, sums_in, sums_out)]
+        eigenvalues = [kfac for _, _, kfac in bases]
+        if self.corrected:
+            eigenvalues = self._refit_eigenvalues(bases, n)
+        self.layers = [
+            LayerFactors(s.name, q_in, q_out, lam, layer_damping(lam, self.damping_value, self.damping_fraction))
+            for s, (q_in, q_out, _), lam in zip(specs, bases, eigenvalues)
+        ]
+        self.diagonals = []
+        for v, total in zip(self.capture.others, sums_other):
+            diagonal = total / n
+            if not np.isfinite(diagonal).all():
+                eigenbasis(v.path, diagonal, np.zeros((1, 1)))  # raises, naming the weight
+            self.diagonals.append((diagonal, layer_damping(diagonal, self.damping_value, self.damping_fraction)))
+
+    def _refit_eigenvalues(
+        self, bases: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]], n: int
+    ) -> list[np.ndarray]:
+        """EK-FAC: `Lambda = E_i[(Q_A^T G_i Q_S)^2]` per layer (a second pass)."""
+        rotations = [
+            (None if q_in is None else tf.constant(q_in, tf.float32), tf.constant(q_out, tf.float32))
+            for q_in, q_out, _ in bases
+        ]
+
+        def squares(captured: Captured) -> Any:
+            return [
+                summed_squares(a, d, q_in, q_out)
+                for a, d, (q_in, q_out) in zip(captured.inputs, captured.deltas, rotations)
+            ]
+
+        totals = [np.zeros_like(kfac) for _, _, kfac in bases]
+        for _, parts in self._passes(squares):
+            for i, part in enumerate(parts):
+                totals[i] += part.numpy()
+        result = [total / n for total in totals]
+        for spec, lam in zip(self.capture.specs, result):
+            if not np.isfinite(lam).all():
+                eigenbasis(spec.name, np.zeros(1), lam)  # raises, naming the layer
+        return result
+
+    # -- the solver interface ------------------------------------------------------------------
+
+    def _apply(self, vectors: Any, power: float) -> tf.Tensor:
+        array = self._check_vectors(vectors)
+        out = np.zeros_like(array)
+        for spec, factors in zip(self.capture.specs, self.layers):
+            matrices = precondition(factors, self.layout.to_matrices(array, spec), power)
+            self.layout.write_matrices(out, matrices, spec)
+        for v, (diagonal, damping) in zip(self.capture.others, self.diagonals):
+            self.layout.write_other(out, self.layout.other_slice(array, v) * (diagonal + damping) ** power, v)
+        return tf.constant(out, tf.float32)
+
+    def solve(self, vectors: Any) -> tf.Tensor:
+        """`H^-1 v` per row, block by block: `Q_A [(Q_A^T V Q_S) / (Lambda + lambda)] Q_S^T`."""
+        return self._apply(vectors, -1.0)
+
+    def hvp(self, vectors: Any) -> tf.Tensor:
+        """`H v` per row with the (damped) Kronecker-factored curvature."""
+        return self._apply(vectors, 1.0)
+
+    def factored_scoring(self) -> Any:
+        """The scoring pairing that never forms `(n, n_params)` gradients (see `KroneckerScoring`)."""
+        from vestigia.curvature.kronecker_scoring import KroneckerScoring
+
+        return KroneckerScoring(self)
+
+
+class KFACIHVP(KroneckerIHVP):
+    """K-FAC: `H ~ A (x) S` per layer, eigenvalues `alpha sigma^T`. One pass over the data.
+
+    Arguments as for `KroneckerIHVP`.
+
+    References:
+        Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+        curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix
+        for convolution layers", ICML 2016.
+    """
+
+
+class EKFACIHVP(KroneckerIHVP):
+    """EK-FAC: K-FAC's eigenbasis, eigenvalues refitted to `E_i[(Q_A^T G_i Q_S)^2]`. Two passes.
+
+    Arguments as for `KroneckerIHVP`.
+
+    References:
+        George et al., "Fast approximate natural gradient descent in a Kronecker-factored
+        eigenbasis", NeurIPS 2018; Grosse et al., "Studying large language model generalization
+        with influence functions", 2023.
+    """
+
+    corrected = True

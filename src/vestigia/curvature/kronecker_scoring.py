@@ -1,0 +1,124 @@
+"""Influence scores with Kronecker-factored curvature, without `(n, n_params)` gradients.
+
+For one layer, with the per-example gradient `G = sum_t a_t d_t^T` `(in, out)` and
+`P_q = H^-1 G_q = Q_A [(Q_A^T G_q Q_S) / (Lambda + lambda)] Q_S^T` the preconditioned query
+gradient, the first-order influence of training example `z` on query `q` is
+
+    value(q, z) = sum_L <P_q, G_z>   (+ sum over diagonal weights of g_q g_z / (D + lambda)).
+
+* Test side: `P_q` per layer, flattened (`(n_test, in * out)`), or with `query_rank = r` its
+  rank-`r` SVD `U S V^T`, kept as `U S` `(in, r)` and `V` `(out, r)`.
+* Pairing, per training batch and layer: with one position (`T = 1`, a Dense layer on vectors)
+  and a low-rank query, `<U S V^T, a d^T> = sum_r (a^T u_r s_r)(d^T v_r)`: no `(in, out)` matrix at
+  all. Otherwise `G_z` is formed for the batch only (`(batch, in, out)`, the size of the layer's
+  weight gradient per example) and contracted with `P_q`.
+* Self-influence: `g^T H^-1 g = sum_jk (Q_A^T G Q_S)_jk^2 / (Lambda_jk + lambda)`, with one
+  position `((a~^2)^T W (d~^2))`, no per-example matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from vestigia.curvature.kronecker_factors import rotated_gradients, weighted_squares
+from vestigia.data.dataset import Batch
+from vestigia.gradients.layer_capture import Captured
+
+
+class KroneckerScoring:
+    """The factored scoring pairing of a fitted `KroneckerIHVP` (see the module docstring).
+
+    Args:
+        solver: a fitted `KFACIHVP` or `EKFACIHVP`.
+    """
+
+    def __init__(self, solver: Any) -> None:
+        self.capture = solver.capture
+        self.rank = solver.query_rank
+        self._q_in = [None if f.q_in is None else tf.constant(f.q_in, tf.float32) for f in solver.layers]
+        self._q_out = [tf.constant(f.q_out, tf.float32) for f in solver.layers]
+        self._inverse = [tf.constant(1.0 / (f.eigenvalues + f.damping), tf.float32) for f in solver.layers]
+        self._other_inverse = [tf.constant(1.0 / (d + lam), tf.float32) for d, lam in solver.diagonals]
+        self._ranks = [None if self.rank is None else min(self.rank, s.n_in, s.n_out) for s in self.capture.specs]
+        self.widths = [
+            s.n_in * s.n_out if r is None else r * (s.n_in + s.n_out) for s, r in zip(self.capture.specs, self._ranks)
+        ] + [int(np.prod(v.shape)) for v in self.capture.others]
+        self._test = self.capture.traced(self._test_reducer)
+        self._pairs = self.capture.traced(self._pair_reducer)
+        self._self = self.capture.traced(self._self_reducer)
+
+    @staticmethod
+    def _args(batch: Batch) -> list[Any]:
+        weights = tf.ones([batch.size], tf.float32) if batch.weights is None else tf.cast(batch.weights, tf.float32)
+        return [batch.inputs, batch.targets, weights]
+
+    def test_side(self, batch: Batch) -> tf.Tensor:
+        """Packed preconditioned query gradients of a raw batch, `(batch, sum(widths))`."""
+        return self._test(*self._args(batch))
+
+    def pair(self, test_side: tf.Tensor, batch: Batch) -> tf.Tensor:
+        """Scores `(n_test, batch)` of packed test sides against a raw training batch."""
+        return self._pairs(*self._args(batch), test_side)
+
+    def self_influence(self, batch: Batch) -> np.ndarray:
+        """`g^T H^-1 g` per example of a raw batch, `(batch,)`."""
+        return self._self(*self._args(batch)).numpy()
+
+    # -- traced code ---------------------------------------------------------------------------
+
+    def _preconditioned(self, i: int, a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
+        rotated = rotated_gradients(a, d, self._q_in[i], self._q_out[i]) * self._inverse[i]
+        back = tf.einsum("bjp,op->bjo", rotated, self._q_out[i])
+        return back if self._q_in[i] is None else tf.einsum("ij,bjo->bio", self._q_in[i], back)
+
+    def _test_reducer(self, captured: Captured) -> tf.Tensor:
+        batch = tf.shape(captured.losses)[0]
+        parts = []
+        for i, (a, d) in enumerate(zip(captured.inputs, captured.deltas)):
+            matrix = self._preconditioned(i, a, d)
+            rank = self._ranks[i]
+            if rank is None:
+                parts.append(tf.reshape(matrix, [batch, -1]))
+                continue
+            singular, left, right = tf.linalg.svd(matrix)
+            parts.append(tf.reshape(left[:, :, :rank] * singular[:, None, :rank], [batch, -1]))
+            parts.append(tf.reshape(right[:, :, :rank], [batch, -1]))
+        parts += [g * inverse for g, inverse in zip(captured.others, self._other_inverse)]
+        return tf.concat(parts, axis=1)
+
+    def _pair_reducer(self, captured: Captured, test_side: tf.Tensor) -> tf.Tensor:
+        columns = tf.split(test_side, self.widths, axis=1)
+        n_test = tf.shape(test_side)[0]
+        batch = tf.shape(captured.losses)[0]
+        scores = tf.zeros([n_test, batch], tf.float32)
+        for i, (spec, a, d) in enumerate(zip(self.capture.specs, captured.inputs, captured.deltas)):
+            rank = self._ranks[i]
+            if rank is None:
+                query = columns[i]
+            else:
+                left, right = tf.split(columns[i], [rank * spec.n_in, rank * spec.n_out], axis=1)
+                left = tf.reshape(left, [n_test, spec.n_in, rank])
+                right = tf.reshape(right, [n_test, spec.n_out, rank])
+                if a.shape[1] == 1:
+                    projected_a = tf.einsum("bi,qir->qbr", a[:, 0], left)
+                    projected_d = tf.einsum("bo,qor->qbr", d[:, 0], right)
+                    scores += tf.reduce_sum(projected_a * projected_d, axis=2)
+                    continue
+                query = tf.reshape(tf.einsum("qir,qor->qio", left, right), [n_test, -1])
+            gradient = tf.reshape(tf.einsum("bti,bto->bio", a, d), [batch, -1])
+            scores += tf.matmul(query, gradient, transpose_b=True)
+        offset = len(self.capture.specs)
+        for j, g in enumerate(captured.others):
+            scores += tf.matmul(columns[offset + j], g, transpose_b=True)
+        return scores
+
+    def _self_reducer(self, captured: Captured) -> tf.Tensor:
+        total = tf.zeros_like(captured.losses)
+        for i, (a, d) in enumerate(zip(captured.inputs, captured.deltas)):
+            total += weighted_squares(a, d, self._q_in[i], self._q_out[i], self._inverse[i])
+        for g, inverse in zip(captured.others, self._other_inverse):
+            total += tf.reduce_sum(tf.square(g) * inverse, axis=1)
+        return total
