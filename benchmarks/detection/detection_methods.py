@@ -62,9 +62,9 @@ class Context:
 
 
 def resolve(class_name: str) -> Any | None:
-    """The Vestigia class called `class_name`, from the package, `vestigia.methods` or one of its
-    modules; None if it does not exist (yet)."""
-    for module_name in ("vestigia", "vestigia.methods"):
+    """The Vestigia class called `class_name`, from the package, `vestigia.methods` (or one of its
+    modules) or `vestigia.curvature`; None if it does not exist (yet)."""
+    for module_name in ("vestigia", "vestigia.methods", "vestigia.curvature"):
         module = importlib.import_module(module_name)
         if hasattr(module, class_name):
             return getattr(module, class_name)
@@ -148,6 +148,19 @@ def _first_order(solver: str, normalize: bool = False, all_layers: bool = False)
     return build
 
 
+def _kronecker(solver: str) -> Callable[[Any, Context], Any]:
+    """K-FAC / EK-FAC over every layer, by name (`cls` is only the availability check of the
+    solver class): true Fisher (seeded sampled labels), the setting's damping on every layer."""
+
+    def build(cls: Any, c: Context) -> Any:
+        from vestigia import FirstOrderInfluenceCalculator
+
+        options = {"damping": c.setting.damping, "seed": c.setting.seed}
+        return FirstOrderInfluenceCalculator(c.influence_model(True), c.train, solver, **options)
+
+    return build
+
+
 def _arnoldi(all_layers: bool) -> Callable[[Any, Context], Any]:
     def build(cls: Any, c: Context) -> Any:
         s = c.setting
@@ -211,6 +224,8 @@ METHODS: list[Method] = [
     Method("RelatIF exact (all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", True, True)),
     Method("Influence CG (all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
     Method("Influence LiSSA (all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
+    Method("EK-FAC (all layers)", "EKFACIHVP", _kronecker("ekfac")),
+    Method("K-FAC (all layers)", "KFACIHVP", _kronecker("kfac")),
     Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
     Method("TracIn", "TracIn", _tracin(False)),
