@@ -14,9 +14,13 @@ from vestigia.curvature import (
 from vestigia.data import default_process_batch
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.methods import (
+    TRAK,
     ArnoldiInfluenceCalculator,
     BaseInfluenceCalculator,
+    DataInf,
     FirstOrderInfluenceCalculator,
+    GradCos,
+    GradDot,
     RepresenterPointL2,
     RepresenterPointLJE,
     SampleBoundaryCalculator,
@@ -37,8 +41,11 @@ __all__ = [
     "BaseInfluenceModel",
     "CACHE",
     "ConjugateGradientDescentIHVP",
+    "DataInf",
     "ExactIHVP",
     "FirstOrderInfluenceCalculator",
+    "GradCos",
+    "GradDot",
     "IHVPCalculator",
     "InfluenceModel",
     "InvalidDataError",
@@ -52,6 +59,7 @@ __all__ = [
     "SampleBoundaryCalculator",
     "SecondOrderInfluenceCalculator",
     "SelfInfluenceCalculator",
+    "TRAK",
     "TopK",
     "TracIn",
     "WeightsBoundaryCalculator",
