@@ -88,3 +88,25 @@ def test_quick_results_are_consistent(quick_run: Path) -> None:
         assert -1.0 <= row["lds_ci"][0] <= row["lds"] <= row["lds_ci"][1] <= 1.0, row
     assert (quick_run / f"curves_{SETTING}.png").stat().st_size > 10_000
     assert len(list((quick_run / "cache").rglob("job_*.npy"))) == quick(SETTINGS[SETTING]).lds_subsets
+
+
+def test_a_later_run_of_another_setting_keeps_the_earlier_tables(quick_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("detection.md", "detection.json"):
+        (out / name).write_text((quick_run / name).read_text())
+    command = [sys.executable, str(BENCH / "run.py"), "--quick", "--settings", "digits_cnn", "--quiet", "--no-lds"]
+    command += ["--methods", "Loss (baseline),Random (baseline)", "--out-dir", str(out), "--cache-dir", ""]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = (out / "detection.md").read_text()
+    assert report.index(f"## {SETTING}:") < report.index("## digits_cnn:")  # kept, in the order of SETTINGS
+    before = json.loads((quick_run / "detection.json").read_text())["results"][0]
+    after = {r["name"]: r for r in json.loads((out / "detection.json").read_text())["results"]}
+    assert after[SETTING]["rows"] == before["rows"]
+    assert [r["name"] for r in after["digits_cnn"]["rows"]] == ["Loss (baseline)", "Random (baseline)"]
+    assert (
+        _table_rows(report)["Influence (exact)"]
+        == _table_rows((quick_run / "detection.md").read_text())["Influence (exact)"]
+    )

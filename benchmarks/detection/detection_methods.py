@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,6 +122,23 @@ class RandomBaseline:
         return self.rng.normal(size=(n_test, sum(int(x.shape[0]) for x, _ in train)))
 
 
+def _damping(setting: Setting, target: Any) -> dict[str, Any]:
+    """`damping = 2 * l2` (the Hessian of the kernels' L2 penalty, see README), and, where the
+    solver `target` (a class) can add the model's own L2 terms to `H` itself (`regularization=`),
+    that turned off, so the penalty is counted once whichever version of Vestigia runs."""
+    options: dict[str, Any] = {"damping": setting.damping}
+    if "regularization" in inspect.signature(target.__init__).parameters:
+        options["regularization"] = False
+    return options
+
+
+def _solver_class(name: str) -> Any:
+    """The IHVP class behind a solver name ("exact", "cgd", "lissa")."""
+    from vestigia.curvature import ConjugateGradientDescentIHVP, ExactIHVP, LissaIHVP
+
+    return {"exact": ExactIHVP, "cgd": ConjugateGradientDescentIHVP, "lissa": LissaIHVP}[name]
+
+
 def _exact_ihvp(context: Context, all_layers: bool = False) -> Any:
     """The exact solver of the last (or every) layer, built once per context (RelatIF reuses exact's)."""
     key = "exact (all layers)" if all_layers else "exact"
@@ -128,7 +146,7 @@ def _exact_ihvp(context: Context, all_layers: bool = False) -> Any:
         from vestigia import ExactIHVP
 
         model = context.influence_model(all_layers)
-        context.shared[key] = ExactIHVP(model, context.train, damping=context.setting.damping)
+        context.shared[key] = ExactIHVP(model, context.train, **_damping(context.setting, ExactIHVP))
     return context.shared[key]
 
 
@@ -138,7 +156,7 @@ def _first_order(solver: str, normalize: bool = False, all_layers: bool = False)
         model = c.influence_model(all_layers)
         if solver == "exact":
             return cls(model, c.train, ihvp_calculator=_exact_ihvp(c, all_layers), normalize=normalize)
-        options: dict[str, Any] = {"damping": s.damping}
+        options = _damping(s, _solver_class(solver))
         if solver == "cgd":
             options["n_opt_iters"] = s.cg_iters
         else:
@@ -161,6 +179,30 @@ def _kronecker(solver: str) -> Callable[[Any, Context], Any]:
     return build
 
 
+def _trak(n_models: int) -> Callable[[Any, Context], Any]:
+    """TRAK over every layer: one model, or an ensemble of independently trained ones (the
+    setting's `ensemble_size`, 10 except in `--quick`); the class's defaults (Rademacher
+    projection to k = 2048, damping 1e-3 x the kernel's mean eigenvalue)."""
+
+    def build(cls: Any, c: Context) -> Any:
+        size = 1 if n_models == 1 else c.setting.ensemble_size
+        models = [c.influence_model(True, model) for model in c.ensemble(size)]
+        return cls(models, c.train, seed=c.setting.seed)
+
+    return build
+
+
+def _datainf(cls: Any, c: Context) -> Any:
+    """DataInf over every layer: exact per-layer blocks where they are small enough (<= 4,096
+    parameters, the class's limit), else one Rademacher-projected block of 2,048."""
+    from vestigia.methods.datainf import layer_blocks
+
+    model = c.influence_model(True)
+    if max(width for _, width in layer_blocks(model)) <= 4096:
+        return cls(model, c.train)
+    return cls(model, c.train, projection="rademacher", projection_dim=2048, seed=c.setting.seed)
+
+
 def _arnoldi(all_layers: bool) -> Callable[[Any, Context], Any]:
     def build(cls: Any, c: Context) -> Any:
         s = c.setting
@@ -171,7 +213,7 @@ def _arnoldi(all_layers: bool) -> Callable[[Any, Context], Any]:
             force_hermitian=True,
             k_largest_eig_vals=s.arnoldi_k,
             seed=s.seed,
-            damping=s.damping,
+            **_damping(s, cls),
         )
 
     return build
@@ -204,14 +246,14 @@ def _rps_l2(targets: str) -> Callable[[Any, Context], Any]:
 def _rps_lje(cls: Any, c: Context) -> Any:
     s = c.setting
     if s.lje_solver == "exact":
-        return cls(c.influence_model(), c.train, ihvp_calculator="exact", damping=s.damping)
+        return cls(c.influence_model(), c.train, ihvp_calculator="exact", **_damping(s, _solver_class("exact")))
     return cls(
         c.influence_model(),
         c.train,
         ihvp_calculator=s.lje_solver,
         n_samples_for_hessian=s.cg_hessian_samples,
-        damping=s.damping,
         n_opt_iters=s.cg_iters,
+        **_damping(s, _solver_class(s.lje_solver)),
     )
 
 
@@ -230,6 +272,11 @@ METHODS: list[Method] = [
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
     Method("TracIn", "TracIn", _tracin(False)),
     Method("TracIn (all layers)", "TracIn", _tracin(True)),
+    Method("TRAK-1 (all layers)", "TRAK", _trak(1)),
+    Method("TRAK-10 (all layers)", "TRAK", _trak(10)),
+    Method("Grad-Dot (all layers)", "GradDot", lambda cls, c: cls(c.influence_model(True))),
+    Method("Grad-Cos (all layers)", "GradCos", lambda cls, c: cls(c.influence_model(True))),
+    Method("DataInf (all layers)", "DataInf", _datainf),
     Method("RPS-L2", "RepresenterPointL2", _rps_l2("model")),
     Method("RPS-L2 (label targets)", "RepresenterPointL2", _rps_l2("labels")),
     Method("RPS-LJE", "RepresenterPointLJE", _rps_lje),

@@ -28,6 +28,14 @@ class MethodResult:
     lds_status: str = ""
     curve: np.ndarray | None = field(default=None, repr=False)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodResult:
+        """Inverse of `to_dict` (without the curve)."""
+        values = {k: (math.nan if v is None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        values["found"] = {float(k): v for k, v in data.get("found", {}).items()}
+        values["lds_ci"] = tuple(math.nan if v is None else v for v in data.get("lds_ci", (None, None)))
+        return cls(**values)
+
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "curve"}
         out["found"] = {str(k): v for k, v in self.found.items()}
@@ -45,6 +53,13 @@ class SettingResult:
     rows: list[MethodResult]
     notes: list[str]
     lds: bool
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SettingResult:
+        """Inverse of `to_dict`; the LDS column is shown if any row has an LDS entry."""
+        rows = [MethodResult.from_dict(r) for r in data["rows"]]
+        lds = any(not math.isnan(r.lds) or r.lds_status for r in rows)
+        return cls(data["name"], data["title"], data["facts"], rows, data["notes"], lds)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -160,6 +160,20 @@ def _notes(setting: Setting) -> list[str]:
         f" RPS-LJE: H_0 by {'the exact solver' if s.lje_solver == 'exact' else 'CG as above'}, same damping.",
         f"Boundary methods: DeepFool, <= {s.boundary_steps} steps (labels unused); Loss: training loss under the"
         " noisy label; Random: seeded normal scores.",
+    ] + (_whole_model_notes(s) if s.all_layer_variants else [])
+
+
+def _whole_model_notes(s: Setting) -> list[str]:
+    return [
+        f"(all layers) rows watch every weight of the model. K-FAC / EK-FAC: block-diagonal across layers,"
+        f" true Fisher (labels sampled from the model, seed {s.seed}), damping {s.damping:g} on every layer;"
+        " EK-FAC refits the eigenvalues from per-example gradients in the Kronecker eigenbasis.",
+        f"TRAK: margin gradients projected to k = 2048 (Rademacher, seed {s.seed}), kernel damping 1e-3 x its mean"
+        f" eigenvalue (the class default); TRAK-{s.ensemble_size} averages {s.ensemble_size} models trained"
+        f" independently on the same labels (the setting's model and seeds {s.seed + 1001}, {s.seed + 1002}, ...).",
+        "Grad-Dot / Grad-Cos: full per-example loss gradients. DataInf: the paper's damping (0.1 x mean squared"
+        " gradient per parameter of the block), one block per layer, or one Rademacher-projected block of 2,048"
+        " where a layer has more than 4,096 parameters.",
     ]
 
 
@@ -304,6 +318,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--truth-only", action="store_true", help="only compute (and cache) the LDS ground truth, then stop"
     )
+    parser.add_argument(
+        "--replace", action="store_true", help="drop the other settings of an earlier report in --out-dir"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser.parse_args(argv)
 
@@ -325,8 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logger = _silent if args.quiet else log
     header = _machine()
+    header["command"] = "python benchmarks/detection/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    kept = {} if args.replace or args.truth_only else _previous_results(out_dir, names)
     start = time.perf_counter()
-    results = []
+    results: dict[str, SettingResult] = {}
     for name in names:
         setting = quick(SETTINGS[name]) if args.quick else SETTINGS[name]
         logger(f"[{name}] {setting.title}")
@@ -337,18 +356,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         setting_start = time.perf_counter()
         result = run_setting(setting, wanted, cache_dir, not args.no_lds, logger)
         result.facts["setting wall time"] = f"{time.perf_counter() - setting_start:.0f} s"
-        results.append(result)
+        result.facts["run"] = f"{header['date']}, commit {header['commit']}"
+        results[name] = result
         plot_curves(result, str(out_dir / f"curves_{name}.png"), setting.noise)
-    if args.truth_only:
-        return 0
-    header["total wall time"] = f"{time.perf_counter() - start:.0f} s"
-    header["command"] = "python benchmarks/detection/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    settings_text = {n: dataclasses.asdict(quick(SETTINGS[n]) if args.quick else SETTINGS[n]) for n in names}
-    (out_dir / "detection.md").write_text(markdown(results, header, PROTOCOL))
-    payload = {"header": header, "settings": settings_text, "results": [r.to_dict() for r in results]}
-    (out_dir / "detection.json").write_text(json.dumps(payload, indent=1, default=_json_default))
-    logger(f"wrote {out_dir / 'detection.md'} ({header['total wall time']})")
+        header["total wall time"] = f"{time.perf_counter() - start:.0f} s"
+        _write(out_dir, header, {**kept, **results}, args.quick)  # after every setting: a cut run keeps its tables
+    if not args.truth_only:
+        logger(f"wrote {out_dir / 'detection.md'} ({header['total wall time']})")
     return 0
+
+
+def _previous_results(out_dir: Path, running: list[str]) -> dict[str, tuple[SettingResult, dict[str, Any]]]:
+    """Settings of an earlier `detection.json` in `out_dir` that this run does not redo, kept in the report."""
+    path = out_dir / "detection.json"
+    if not path.exists():
+        return {}
+    payload = json.loads(path.read_text())
+    kept = {}
+    for data in payload.get("results", []):
+        if data["name"] in running:
+            continue
+        result = SettingResult.from_dict(data)
+        old = payload.get("header", {})
+        result.facts.setdefault("run", f"{old.get('date', '?')}, commit {old.get('commit', '?')}")
+        kept[data["name"]] = (result, payload.get("settings", {}).get(data["name"], {}))
+    return kept
+
+
+def _write(out_dir: Path, header: dict[str, str], results: dict[str, Any], is_quick: bool) -> None:
+    """`detection.md` and `detection.json` of every setting, in the order of `SETTINGS`."""
+    order = [n for n in SETTINGS if n in results] + [n for n in results if n not in SETTINGS]
+    rows, settings = [], {}
+    for name in order:
+        entry = results[name]
+        if isinstance(entry, tuple):
+            rows.append(entry[0])
+            settings[name] = entry[1]
+        else:
+            rows.append(entry)
+            settings[name] = dataclasses.asdict(quick(SETTINGS[name]) if is_quick else SETTINGS[name])
+    (out_dir / "detection.md").write_text(markdown(rows, header, PROTOCOL))
+    payload = {"header": header, "settings": settings, "results": [r.to_dict() for r in rows]}
+    (out_dir / "detection.json").write_text(json.dumps(payload, indent=1, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
