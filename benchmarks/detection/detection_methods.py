@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import inspect
 import pkgutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,9 @@ class Context:
         if len(models) < size and self.train_model is None:
             raise ValueError(f"this context cannot train an ensemble of {size} models (no `train_model`)")
         while len(models) < size:
+            start = time.perf_counter()
             models.append(self.train_model(self.setting.seed + 1000 + len(models)))
+            self.shared["ensemble_s"] = self.shared.get("ensemble_s", 0.0) + time.perf_counter() - start
         return models[:size]
 
     def rebatched(self, batch_size: int) -> Context:

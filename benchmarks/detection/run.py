@@ -206,6 +206,14 @@ def ground_truth(setting: Setting, split: Split, cache_dir: Path | None, log: An
     return truth, fact
 
 
+def _ensemble_fact(facts: dict[str, Any], context: Context, labels: str) -> None:
+    if "ensemble_s" in context.shared:
+        n = len(context.shared["ensemble"]) - 1
+        facts[f"ensemble ({labels} labels)"] = (
+            f"{n} more models trained in {context.shared['ensemble_s']:.0f} s (counted in the ensemble methods' setup)"
+        )
+
+
 def run_setting(
     setting: Setting, wanted: set[str] | None, cache_dir: Path | None, lds: bool, log: Any
 ) -> SettingResult:
@@ -262,6 +270,7 @@ def run_setting(
             facts[f"eigenvalues of H + damping ({key}, noisy model)"] = (
                 f"[{eigenvalues.min():.4g}, {eigenvalues.max():.4g}]"
             )
+    _ensemble_fact(facts, context, "noisy")
     context.shared.clear()
     if do_lds and runnable:
         clean, seconds = _train(setting, split, split.y_train)
@@ -277,6 +286,7 @@ def run_setting(
                 row.lds_status = _failure(error)
                 log(f"  {method.name} (LDS): {row.lds_status}\n{traceback.format_exc()}")
             gc.collect()
+        _ensemble_fact(facts, clean, "clean")
         clean.shared.clear()
     return SettingResult(setting.name, setting.title, facts, rows, _notes(setting), do_lds)
 
@@ -343,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger = _silent if args.quiet else log
     header = _machine()
     header["command"] = "python benchmarks/detection/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    kept = {} if args.replace or args.truth_only else _previous_results(out_dir, names)
+    earlier = {} if args.replace or args.truth_only else _previous_results(out_dir)
+    kept = {n: r for n, r in earlier.items() if n not in names}
     start = time.perf_counter()
     results: dict[str, SettingResult] = {}
     for name in names:
@@ -357,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_setting(setting, wanted, cache_dir, not args.no_lds, logger)
         result.facts["setting wall time"] = f"{time.perf_counter() - setting_start:.0f} s"
         result.facts["run"] = f"{header['date']}, commit {header['commit']}"
+        curves = out_dir / f"curves_{name}.npz"
+        if wanted is not None and name in earlier:  # a run of some methods keeps the earlier rows of the others
+            _merge_rows(result, earlier[name][0], setting, dict(np.load(curves)) if curves.exists() else {})
         results[name] = result
+        np.savez_compressed(curves, **{r.name: r.curve for r in result.rows if r.curve is not None})
         plot_curves(result, str(out_dir / f"curves_{name}.png"), setting.noise)
         header["total wall time"] = f"{time.perf_counter() - start:.0f} s"
         _write(out_dir, header, {**kept, **results}, args.quick)  # after every setting: a cut run keeps its tables
@@ -366,16 +381,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _previous_results(out_dir: Path, running: list[str]) -> dict[str, tuple[SettingResult, dict[str, Any]]]:
-    """Settings of an earlier `detection.json` in `out_dir` that this run does not redo, kept in the report."""
+def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting, curves: dict[str, Any]) -> None:
+    """Add the rows of `earlier` (with their detection `curves`) that `result` did not run, in the
+    order of the method registry."""
+    new = {row.name: row for row in result.rows}
+    old = {row.name: row for row in earlier.rows}
+    for row in old.values():
+        row.curve = curves.get(row.name)
+    names = [m.name for m in methods_for(setting)]
+    names += [n for n in list(new) + list(old) if n not in names]
+    result.rows = [new.get(n) or old[n] for n in names if n in new or n in old]
+    result.facts["run"] += "; rows not in --methods from " + earlier.facts.get("run", "an earlier run")
+
+
+def _previous_results(out_dir: Path) -> dict[str, tuple[SettingResult, dict[str, Any]]]:
+    """The settings of an earlier `detection.json` in `out_dir` (kept in the report unless redone)."""
     path = out_dir / "detection.json"
     if not path.exists():
         return {}
     payload = json.loads(path.read_text())
     kept = {}
     for data in payload.get("results", []):
-        if data["name"] in running:
-            continue
         result = SettingResult.from_dict(data)
         old = payload.get("header", {})
         result.facts.setdefault("run", f"{old.get('date', '?')}, commit {old.get('commit', '?')}")
