@@ -23,6 +23,7 @@ PUBLIC = [
     "InvalidModelError",
     "InverseHessianVectorProduct",
     "LissaIHVP",
+    "LoGra",
     "NonFiniteError",
     "ORDER",
     "RepresenterPointL2",

@@ -6,6 +6,7 @@ from vestigia.methods.datainf import DataInf
 from vestigia.methods.engine import BaseInfluenceCalculator, SelfInfluenceCalculator
 from vestigia.methods.first_order import FirstOrderInfluenceCalculator
 from vestigia.methods.gradient_similarity import GradCos, GradDot
+from vestigia.methods.logra import LoGra
 from vestigia.methods.representer import RepresenterPointCalculator
 from vestigia.methods.representer_l2 import RepresenterPointL2
 from vestigia.methods.representer_lje import RepresenterPointLJE
@@ -20,6 +21,7 @@ __all__ = [
     "FirstOrderInfluenceCalculator",
     "GradCos",
     "GradDot",
+    "LoGra",
     "RepresenterPointCalculator",
     "RepresenterPointL2",
     "RepresenterPointLJE",

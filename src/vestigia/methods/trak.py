@@ -26,14 +26,12 @@ import numpy as np
 import tensorflow as tf
 
 from vestigia.data.dataset import Batch, as_batched_dataset
-from vestigia.errors import InvalidDataError, InvalidModelError, check_non_negative
+from vestigia.errors import InvalidModelError, check_non_negative
 from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.methods.margins import OUTPUTS, infer_outputs, margin_function, out_to_loss
 from vestigia.model.influence_model import BaseInfluenceModel
 from vestigia.projection.features import make_projection, projected_gradients
-
-# Default damping: this fraction of the mean eigenvalue `trace(Phi^T Phi / n) / k` of the kernel.
-DEFAULT_RELATIVE_DAMPING = 1e-3
+from vestigia.projection.gram import damped_gram_inverse
 
 
 def _architecture(model: BaseInfluenceModel) -> list[tuple[int, ...]]:
@@ -168,24 +166,8 @@ class TRAK(BaseInfluenceCalculator):
 
     def _kernel(self, component: int) -> tuple[tf.Tensor, float, int]:
         """`(Phi^T Phi / n + lambda I)^-1` in float64, the damping used, and `n`."""
-        gram, n = None, 0
-        for batch in self._batches(self.train_set, "train_set"):
-            phi = tf.cast(self._features(batch, component)[0], tf.float64)
-            part = tf.matmul(phi, phi, transpose_a=True)
-            gram = part if gram is None else gram + part
-            n += batch.size
-        if gram is None:
-            raise InvalidDataError("`train_set` is empty.")
-        gram = gram.numpy() / n
-        k = gram.shape[0]
-        damping = DEFAULT_RELATIVE_DAMPING * float(np.trace(gram)) / k if self.damping is None else self.damping
-        if damping == 0.0 and np.linalg.matrix_rank(gram) < k:
-            raise InvalidDataError(
-                f"TRAK's kernel Phi^T Phi / n is singular (rank {np.linalg.matrix_rank(gram)} < k={k}, "
-                f"n={n} training examples) and damping=0: pass damping > 0 or a smaller projection_dim."
-            )
-        kernel = np.linalg.solve(gram + damping * np.eye(k), np.eye(k))
-        return tf.constant((kernel + kernel.T) / 2), damping, n
+        batches = (self._features(b, component)[0] for b in self._batches(self.train_set, "train_set"))
+        return damped_gram_inverse(batches, self.damping, "train_set")
 
     def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
         """`Q_m(z) K_m phi_m(z) / M`, `(batch, k)`."""
