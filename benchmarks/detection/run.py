@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from detection_methods import Context, Method, available, methods_for  # noqa: E402
+from detection_methods import NEW_METHODS, Context, Method, available, methods_for  # noqa: E402
 from detection_report import MethodResult, SettingResult, markdown, plot_curves  # noqa: E402
 from detection_setups import SETTINGS, Setting, Split, accuracy, load_split, model_builder, one_hot, quick, trainer  # noqa: E402
 
@@ -142,6 +142,7 @@ def _lds(method: Method, cls: Any, context: Context, test: tf.data.Dataset, trut
     result.scores_s = time.perf_counter() - start
     lds = linear_datamodeling_score(attributions, truth.masks, truth.outputs, seed=context.setting.seed)
     result.lds, result.lds_ci = lds.mean, (lds.ci_low, lds.ci_high)
+    result.lds_per_test = [float(v) for v in lds.per_test]
 
 
 def _notes(setting: Setting) -> list[str]:
@@ -168,9 +169,11 @@ def _whole_model_notes(s: Setting) -> list[str]:
         f"(all layers) rows watch every weight of the model. K-FAC / EK-FAC: block-diagonal across layers,"
         f" true Fisher (labels sampled from the model, seed {s.seed}), damping {s.damping:g} on every layer;"
         " EK-FAC refits the eigenvalues from per-example gradients in the Kronecker eigenbasis.",
-        f"TRAK: margin gradients projected to k = 2048 (Rademacher, seed {s.seed}), kernel damping 1e-3 x its mean"
-        f" eigenvalue (the class default); TRAK-{s.ensemble_size} averages {s.ensemble_size} models trained"
-        f" independently on the same labels (the setting's model and seeds {s.seed + 1001}, {s.seed + 1002}, ...).",
+        f"TRAK: margin gradients projected (seed {s.seed}) to k = 2048 by a dense Rademacher matrix up to 10,000"
+        " parameters, else by LoGra's factored projection (k_in = k_out = 40 per layer); kernel damping 1e-3 x its"
+        f" mean eigenvalue (the class default). TRAK-{s.ensemble_size} averages {s.ensemble_size} models trained"
+        f" independently on the same labels (the setting's model and seeds {s.seed + 1001}, {s.seed + 1002}, ...)."
+        " LoGra: factored projection with k_in = k_out = 32 per layer, the class's damping.",
         "Grad-Dot / Grad-Cos: full per-example loss gradients. DataInf: the paper's damping (0.1 x mean squared"
         " gradient per parameter of the block), one block per layer, or one Rademacher-projected block of 2,048"
         " where a layer has more than 4,096 parameters.",
@@ -421,7 +424,7 @@ def _write(out_dir: Path, header: dict[str, str], results: dict[str, Any], is_qu
         else:
             rows.append(entry)
             settings[name] = dataclasses.asdict(quick(SETTINGS[name]) if is_quick else SETTINGS[name])
-    (out_dir / "detection.md").write_text(markdown(rows, header, PROTOCOL))
+    (out_dir / "detection.md").write_text(markdown(rows, header, PROTOCOL, NEW_METHODS))
     payload = {"header": header, "settings": settings, "results": [r.to_dict() for r in rows]}
     (out_dir / "detection.json").write_text(json.dumps(payload, indent=1, default=_json_default))
 
