@@ -394,6 +394,7 @@ def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting,
     names = [m.name for m in methods_for(setting)]
     names += [n for n in list(new) + list(old) if n not in names]
     result.rows = [new.get(n) or old[n] for n in names if n in new or n in old]
+    result.lds = result.lds or earlier.lds
     result.facts["run"] += "; rows not in --methods from " + earlier.facts.get("run", "an earlier run")
 
 
