@@ -4,7 +4,8 @@ Runs the script in a subprocess (it clears the Keras session while retraining) o
 MNIST MLP setting with one method of each kind (curvature, checkpoints, K-FAC, an ensemble,
 baselines), which exercises the LDS with retraining and its cache, and checks the report: one
 table row per method, a number in the AUC column of every method that Vestigia has, values in
-range, the curve plot written. The `slow` test runs every method of the whole-model setting.
+range, the curve plot written. Under `-m slow`: every method of the whole-model setting, and
+the report keeping earlier settings and rows across runs.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def test_quick_results_are_consistent(quick_run: Path) -> None:
     assert len(list((quick_run / "cache").rglob("job_*.npy"))) == quick(SETTINGS[SETTING]).lds_subsets
 
 
+@pytest.mark.slow
 def test_later_runs_keep_the_earlier_tables_and_rows(quick_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     out.mkdir()
