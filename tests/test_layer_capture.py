@@ -101,3 +101,14 @@ def test_sampled_labels_are_seeded_one_hot_draws() -> None:
     entropy = -(probabilities * np.log(probabilities)).sum(axis=1)
     sampled = first.numpy()
     assert abs(sampled.mean() - entropy.mean()) < 4 * sampled.std() / np.sqrt(400)
+
+
+def test_unsupported_layers_are_named_with_the_fallback() -> None:
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((4, 4, 4))
+    x = keras.layers.Conv2D(4, 3, groups=2, name="grouped")(x_in)
+    x = keras.layers.DepthwiseConv2D(2, name="depthwise")(x)
+    model = keras.Model(x_in, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    with pytest.warns(UserWarning, match="(?s)diagonal.*grouped.*groups=1.*DepthwiseConv2D 'depthwise'"):
+        capture = LayerCapture(model, _loss())
+    assert [s.kind for s in capture.specs] == ["dense"] and len(capture.others) == 4

@@ -9,10 +9,11 @@ import pytest
 import tensorflow as tf
 from conftest import batched, logits_loss
 from oracles import assert_close, loop_gradients
-from whole_models import images, mlp, resnet
+from whole_models import images, mlp, resnet, text_model, tokens
 
 from vestigia import TRAK, BaseInfluenceModel, DataInf, InvalidModelError, LoGra
 from vestigia.data.dataset import Batch
+from vestigia.gradients.layer_capture import LayerCapture
 from vestigia.projection import FactoredProjection
 
 # float32 captures and projections against float64 per-example loops.
@@ -21,8 +22,6 @@ RTOL = 1e-4
 
 def _expected_features(model, projection: FactoredProjection, x, y) -> np.ndarray:
     """`(P_in (x) P_out) vec(G)` per layer from gradients taken one example at a time."""
-    from vestigia.gradients.layer_capture import LayerCapture
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the warning naming BatchNorm's weights is tested below
         capture = LayerCapture(model, logits_loss())
@@ -108,3 +107,27 @@ def test_projection_built_for_another_architecture_is_refused() -> None:
     x, y = np.zeros((2, 6), "float32"), np.eye(3, dtype="float32")[[0, 1]]
     with pytest.raises(InvalidModelError, match="built for layers of shapes"):
         _features(projection, other, x, y)
+
+
+def test_projected_inputs_equal_projected_unfolded_inputs_on_a_text_model() -> None:
+    """Embedding (gathered rows of `P_in`), causal Conv1D (a convolution with `P_in` as filters)
+    and attention's EinsumDense layers: the features equal `P_in G P_out^T` with `G = sum_t a_t d_t^T`
+    formed from the capture's explicit inputs (its unfolded patches, one-hot tokens)."""
+    model = text_model()
+    x, y = tokens(6)
+    watched = BaseInfluenceModel(model, loss_function=logits_loss())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LayerNormalization gets no Kronecker factor
+        projection = FactoredProjection(watched, k_in=3, k_out=3, kind="gaussian", seed=1)
+        capture = LayerCapture(model, logits_loss())
+    captured = capture.traced(lambda c: c)(tf.constant(x), tf.constant(y), tf.ones([6]))
+    expected = []
+    for a, d, p_in, p_out in zip(captured.inputs, captured.deltas, projection.inputs, projection.outputs):
+        g = np.einsum("bti,bto->bio", a.numpy().astype(np.float64), d.numpy().astype(np.float64))
+        p_in = np.eye(g.shape[1]) if p_in is None else p_in.numpy().astype(np.float64).T
+        p_out = np.eye(g.shape[2]) if p_out is None else p_out.numpy().astype(np.float64).T
+        expected.append(np.einsum("ki,bio,lo->bkl", p_in, g, p_out).reshape(6, -1))
+    expected.append(np.concatenate([o.numpy() for o in captured.others], axis=1))
+    kinds = {spec.kind for spec in capture.specs}
+    assert {"embedding", "conv", "einsum_dense", "dense"} <= kinds
+    assert_close(_features(projection, watched, x, y), np.concatenate(expected, axis=1), RTOL)

@@ -5,6 +5,8 @@ the import line changed (`from vestigia import ...`).
 """
 
 from vestigia.curvature import (
+    EKFACIHVP,
+    KFACIHVP,
     ConjugateGradientDescentIHVP,
     ExactIHVP,
     IHVPCalculator,
@@ -43,6 +45,7 @@ __all__ = [
     "CACHE",
     "ConjugateGradientDescentIHVP",
     "DataInf",
+    "EKFACIHVP",
     "ExactIHVP",
     "FirstOrderInfluenceCalculator",
     "GradCos",
@@ -52,6 +55,7 @@ __all__ = [
     "InvalidDataError",
     "InvalidModelError",
     "InverseHessianVectorProduct",
+    "KFACIHVP",
     "LissaIHVP",
     "LoGra",
     "NonFiniteError",

@@ -34,13 +34,15 @@ from vestigia.curvature.factor_file import load_factors, save_factors
 from vestigia.curvature.kronecker_factors import (
     LayerFactors,
     batch_covariances,
+    damped_power,
     eigenbasis,
     layer_damping,
     precondition,
     summed_squares,
 )
+from vestigia.curvature.kronecker_scoring import KroneckerScoring
 from vestigia.data.dataset import Batch, iterate_batches
-from vestigia.errors import check_non_negative, check_positive_int
+from vestigia.errors import InvalidDataError, check_non_negative, check_positive_int
 from vestigia.gradients.fisher_labels import supports_sampling
 from vestigia.gradients.layer_capture import Captured, LayerCapture
 from vestigia.gradients.layer_kinds import LayerSpec
@@ -151,7 +153,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         self.layers: list[LayerFactors] = []
         self.diagonals: list[tuple[np.ndarray, float]] = []
         if self.train_dataset is None:
-            raise ValueError("`train_dataset` is required to fit Kronecker factors.")
+            raise InvalidDataError("`train_dataset` is required to fit Kronecker factors. Received: train_dataset=None")
         settings = {
             "method": type(self).__name__,
             "fisher": fisher,
@@ -175,36 +177,53 @@ class KroneckerIHVP(InverseHessianVectorProduct):
     # -- fitting -------------------------------------------------------------------------------
 
     def _passes(self, reducer: Any) -> Any:
-        """Yield `reducer(captured)` per training batch, with sampled labels for the true Fisher."""
+        """Yield `reducer(captured)` per training batch, with sampled labels for the true Fisher.
+
+        The curvature is the *weighted mean* `(1/n) sum_i w_i F_i` (as `H` weighs the losses),
+        while the captured gradients of `w_i l_i` carry `w_i`: they are divided by `sqrt(w_i)`, so
+        that their second moments carry `w_i` once. The reducer also gets the weights `(batch,)`.
+        """
         sampled = self.fisher == "true"
-        run = self.capture.traced(reducer, sampled=sampled)
+
+        def rescaled(captured: Captured, weights: tf.Tensor) -> Any:
+            scale = tf.math.rsqrt(tf.maximum(weights, 1e-30)) * tf.cast(weights > 0, tf.float32)
+            deltas = [d * scale[:, None, None] for d in captured.deltas]
+            others = [g * scale[:, None] for g in captured.others]
+            return reducer(captured._replace(deltas=deltas, others=others), weights)
+
+        run = self.capture.traced(rescaled, sampled=sampled)
         batches = iterate_batches(self.train_dataset, self.model.process_batch_for_loss_fn, "train_dataset")
         for index, batch in enumerate(batches):
-            args = [batch.inputs, batch.targets, _batch_weights(batch)]
+            weights = _batch_weights(batch)
+            args = [batch.inputs, batch.targets, weights]
             if sampled:
                 args.append(tf.constant(self.seed * 1_000_003 + index, tf.int32))
-            yield batch.size, run(*args)
+            yield batch.size, run(*args, weights)
 
     def _fit(self) -> None:
         specs = self.capture.specs
         diagonal_input = [s.diagonal_input for s in specs]
 
-        def covariances(captured: Captured) -> Any:
+        def covariances(captured: Captured, weights: tf.Tensor) -> Any:
+            # A = sum_i w_i a a^T / sum_i w_i, S = sum_i w_i d d^T / n: A (x) S is the weighted mean
             squares = [tf.reduce_sum(tf.square(g), axis=0) for g in captured.others]
-            return batch_covariances(captured.inputs, captured.deltas, diagonal_input), squares
+            root = tf.sqrt(weights)[:, None, None]
+            inputs = [a * root for a in captured.inputs]
+            return batch_covariances(inputs, captured.deltas, diagonal_input), squares, tf.reduce_sum(weights)
 
         sums_in = [np.zeros(s.n_in if s.diagonal_input else (s.n_in, s.n_in)) for s in specs]
         sums_out = [np.zeros((s.n_out, s.n_out)) for s in specs]
         sums_other = [np.zeros(int(np.prod(v.shape))) for v in self.capture.others]
-        n = 0
-        for size, (covs, squares) in self._passes(covariances):
+        n, total_weight = 0, 0.0
+        for size, (covs, squares, weight) in self._passes(covariances):
             n += size
+            total_weight += float(weight)
             for i, (cov_in, cov_out) in enumerate(covs):
                 sums_in[i] += cov_in.numpy()
                 sums_out[i] += cov_out.numpy()
             for i, square in enumerate(squares):
                 sums_other[i] += square.numpy()
-        bases = [eigenbasis(s.name, a / n, d / n) for s, a, d in zip(specs, sums_in, sums_out)]
+        bases = [eigenbasis(s.name, a / total_weight, d / n) for s, a, d in zip(specs, sums_in, sums_out)]
         eigenvalues = [kfac for _, _, kfac in bases]
         if self.corrected:
             eigenvalues = self._refit_eigenvalues(bases, n)
@@ -228,7 +247,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
             for q_in, q_out, _ in bases
         ]
 
-        def squares(captured: Captured) -> Any:
+        def squares(captured: Captured, weights: tf.Tensor) -> Any:
             return [
                 summed_squares(a, d, q_in, q_out)
                 for a, d, (q_in, q_out) in zip(captured.inputs, captured.deltas, rotations)
@@ -253,7 +272,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
             matrices = precondition(factors, self.layout.to_matrices(array, spec), power)
             self.layout.write_matrices(out, matrices, spec)
         for v, (diagonal, damping) in zip(self.capture.others, self.diagonals):
-            self.layout.write_other(out, self.layout.other_slice(array, v) * (diagonal + damping) ** power, v)
+            self.layout.write_other(out, self.layout.other_slice(array, v) * damped_power(diagonal, damping, power), v)
         return tf.constant(out, tf.float32)
 
     def solve(self, vectors: Any) -> tf.Tensor:
@@ -264,10 +283,8 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         """`H v` per row with the (damped) Kronecker-factored curvature."""
         return self._apply(vectors, 1.0)
 
-    def factored_scoring(self) -> Any:
+    def factored_scoring(self) -> KroneckerScoring:
         """The scoring pairing that never forms `(n, n_params)` gradients (see `KroneckerScoring`)."""
-        from vestigia.curvature.kronecker_scoring import KroneckerScoring
-
         return KroneckerScoring(self)
 
 

@@ -137,6 +137,15 @@ def layer_damping(eigenvalues: np.ndarray, damping: float | None, damping_fracti
     return float(damping_fraction * eigenvalues.mean())
 
 
+def damped_power(values: np.ndarray, damping: float, power: float) -> np.ndarray:
+    """`(values + damping)^power`; with `power < 0`, zero where `values + damping == 0` (pseudo-inverse)."""
+    total = values + damping
+    if power >= 0:
+        return total**power
+    with np.errstate(divide="ignore"):
+        return np.where(total > 0, np.abs(total) ** power, 0.0)
+
+
 def precondition(factors: LayerFactors, matrices: np.ndarray, power: float = -1.0) -> np.ndarray:
     """`Q_A [(Q_A^T M Q_S) * (Lambda + lambda)^power] Q_S^T` for each `M` of `matrices` `(m, in, out)`.
 
@@ -144,6 +153,6 @@ def precondition(factors: LayerFactors, matrices: np.ndarray, power: float = -1.
     """
     rotated = matrices if factors.q_in is None else np.einsum("ij,mio->mjo", factors.q_in, matrices)
     rotated = rotated @ factors.q_out
-    rotated = rotated * (factors.eigenvalues + factors.damping) ** power
+    rotated = rotated * damped_power(factors.eigenvalues, factors.damping, power)
     back = rotated @ factors.q_out.T
     return back if factors.q_in is None else np.einsum("ij,mjo->mio", factors.q_in, back)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from vestigia.curvature.kronecker_factors import rotated_gradients, weighted_squares
+from vestigia.curvature.kronecker_factors import damped_power, rotated_gradients, weighted_squares
 from vestigia.data.dataset import Batch
 from vestigia.gradients.layer_capture import Captured
 
@@ -40,8 +40,8 @@ class KroneckerScoring:
         self.rank = solver.query_rank
         self._q_in = [None if f.q_in is None else tf.constant(f.q_in, tf.float32) for f in solver.layers]
         self._q_out = [tf.constant(f.q_out, tf.float32) for f in solver.layers]
-        self._inverse = [tf.constant(1.0 / (f.eigenvalues + f.damping), tf.float32) for f in solver.layers]
-        self._other_inverse = [tf.constant(1.0 / (d + lam), tf.float32) for d, lam in solver.diagonals]
+        self._inverse = [tf.constant(damped_power(f.eigenvalues, f.damping, -1.0), tf.float32) for f in solver.layers]
+        self._other_inverse = [tf.constant(damped_power(d, lam, -1.0), tf.float32) for d, lam in solver.diagonals]
         self._ranks = [None if self.rank is None else min(self.rank, s.n_in, s.n_out) for s in self.capture.specs]
         self.widths = [
             s.n_in * s.n_out if r is None else r * (s.n_in + s.n_out) for s, r in zip(self.capture.specs, self._ranks)

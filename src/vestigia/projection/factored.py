@@ -19,19 +19,52 @@ Sequential or subclassed model); `P_in` / `P_out` of layer `l` are drawn from th
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 from vestigia.data.dataset import Batch
 from vestigia.errors import InvalidModelError, NonFiniteError, check_positive_int
 from vestigia.gradients.layer_capture import Captured, LayerCapture
+from vestigia.gradients.layer_kinds import LayerSpec
 from vestigia.model.influence_model import BaseInfluenceModel
 from vestigia.projection.random import KINDS, RandomProjection
 
 DEFAULT_FACTOR_DIM = 16
 
 _SEED_STRIDE = 1_000_003
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProjectedInputSpec(LayerSpec):
+    """A `LayerSpec` whose captured inputs come projected, `(batch, T, k_in)`: `P_in a_t` without
+    forming `a_t`. For a convolution, `P_in` reshaped to `(k_h, k_w, c_in, k_in)` is itself a
+    convolution kernel, so the projected patches are one convolution of the layer input with
+    `k_in` filters (same strides, dilation and padding); the unfolded patches never exist."""
+
+    p_in: Any = None
+
+    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+        if self.p_in is None:
+            return super().input_rows(inputs)
+        batch, k = tf.shape(inputs)[0], int(self.p_in.shape[1])
+        if self.kind == "embedding":
+            return tf.reshape(tf.gather(self.p_in, tf.cast(inputs, tf.int32)), [batch, -1, k])
+        if self.kind != "conv":
+            return tf.matmul(super().input_rows(inputs), self.p_in)
+        layer = self.layer
+        kernel_in = self.n_in - int(self.has_bias)
+        filters = tf.reshape(self.p_in[:kernel_in], list(self.kernel.shape[:-1]) + [k])
+        padding = layer.padding
+        if padding == "causal":
+            inputs = tf.pad(inputs, [[0, 0], [layer.dilation_rate[0] * (layer.kernel_size[0] - 1), 0], [0, 0]])
+            padding = "valid"
+        x = tf.cast(inputs, tf.float32)
+        rows = keras.ops.conv(x, filters, list(layer.strides), padding, "channels_last", layer.dilation_rate)
+        rows = tf.reshape(rows, [batch, -1, k])
+        return rows + self.p_in[kernel_in] if self.has_bias else rows
 
 
 def _factor_matrix(n: int, k: int, kind: str, seed: int) -> tf.Tensor | None:
@@ -92,7 +125,15 @@ class FactoredProjection:
             self.output_blocks.append(width)
         self.k = int(sum(self.output_blocks))
         self._runs: dict[int, Any] = {}
-        self._runs[id(model)] = (model, capture.traced(self._reduce))
+        self._runs[id(model)] = (model, self._traced(capture))
+
+    def _traced(self, capture: LayerCapture) -> Any:
+        """The capture pass with projected inputs (see `_ProjectedInputSpec`), then `_reduce`."""
+        capture.specs = [
+            _ProjectedInputSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(LayerSpec)}, p_in=p_in)
+            for spec, p_in in zip(capture.specs, self.inputs)
+        ]
+        return capture.traced(self._reduce)
 
     def _run(self, model: BaseInfluenceModel) -> Any:
         """The traced capture-and-project pass for `model` (one per model and loss)."""
@@ -105,15 +146,14 @@ class FactoredProjection:
                     f"This FactoredProjection was built for layers of shapes {self._shapes}; the model "
                     f"{model.model.name!r} has {shapes}. Build one per architecture."
                 )
-            entry = (model, capture.traced(self._reduce))
+            entry = (model, self._traced(capture))
             self._runs[id(model)] = entry
         return entry[1]
 
     def _reduce(self, captured: Captured) -> tuple[tf.Tensor, tf.Tensor]:
         """`(losses, features (batch, k))` from one capture, inside the traced graph."""
         parts = []
-        for a, d, p_in, p_out in zip(captured.inputs, captured.deltas, self.inputs, self.outputs):
-            a = a if p_in is None else tf.einsum("bti,ik->btk", a, p_in)
+        for a, d, p_out in zip(captured.inputs, captured.deltas, self.outputs):
             d = tf.cast(d, tf.float32)
             d = d if p_out is None else tf.einsum("bto,ok->btk", d, p_out)
             projected = tf.einsum("bti,bto->bio", a, d)

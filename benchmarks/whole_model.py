@@ -1,0 +1,233 @@
+"""Whole-model attribution speed and memory: EK-FAC on a small ResNet, as ratios to one epoch.
+
+Model: a ResNet for 32 x 32 x 3 images (stem conv 64, three stages of one residual block with
+64 / 128 / 256 channels, strided convs and 1 x 1 projection shortcuts, global pooling, Dense),
+1,223,626 parameters, no BatchNorm (so every weight has a Kronecker factor), every layer watched.
+Data: generated images (a class-dependent pattern plus noise), 10 classes.
+
+Timed in the same process, each as a ratio to one training epoch on the same training set
+(Adam, same batch size, measured after a one-batch warm-up):
+* `ekfac_factors`: EK-FAC factors (covariance pass, float64 eigendecompositions, eigenvalue
+  refit pass), true Fisher;
+* `self_influence`: `g^T H^-1 g` for every training example (factored, one pass);
+* `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
+  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`;
+* `trak_featurise`: TRAK's features of the training set for one checkpoint, k ~ 2,048 (LoGra
+  factored projection, `vestigia.projection.FactoredProjection`).
+Both wall-clock and process-CPU ratios are printed (CPU time is less disturbed by other
+processes on a shared machine). Then peak RSS (`resource.getrusage`), and with `--sizes` the
+same run at several training-set sizes in fresh processes, to show how time and peak memory
+grow with `n_train`.
+
+Targets (issue 11): factors <= 3 epochs, self-influence <= 3, pairwise <= 4, TRAK <= 2 per
+checkpoint, peak <= 6 GiB, flat
+in `n_train`. To add a stage (e.g. TRAK featurisation), append a function to `STAGES`.
+
+Run: `python benchmarks/whole_model.py` (full size: 50,000 train / 1,000 queries: hours on 2
+cores), `python benchmarks/whole_model.py --n-train 1000 --n-query 100` (minutes), and
+`--sizes 500,1000` for the growth table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from vestigia import TRAK, FirstOrderInfluenceCalculator  # noqa: E402
+from vestigia.curvature import EKFACIHVP  # noqa: E402
+from vestigia.model.influence_model import BaseInfluenceModel  # noqa: E402
+from vestigia.projection import FactoredProjection  # noqa: E402
+
+
+def resnet(classes: int = 10, widths: tuple[int, ...] = (64, 128, 256)) -> keras.Model:
+    """The benchmark's ResNet (see the module docstring)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(widths[0], 3, padding="same", activation="relu")(inputs)
+    for stage, width in enumerate(widths):
+        stride = 1 if stage == 0 else 2
+        y = keras.layers.Conv2D(width, 3, strides=stride, padding="same", activation="relu")(x)
+        y = keras.layers.Conv2D(width, 3, padding="same")(y)
+        shortcut = x if stride == 1 and x.shape[-1] == width else keras.layers.Conv2D(width, 1, strides=stride)(x)
+        x = keras.layers.Activation("relu")(keras.layers.Add()([y, shortcut]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(classes)(x))
+
+
+def images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` generated 32 x 32 x 3 images (class pattern + noise) and one-hot labels."""
+    rng = np.random.default_rng(seed)
+    patterns = np.random.default_rng(123).normal(0, 1, (classes, 32, 32, 3)).astype("float32")
+    labels = rng.integers(0, classes, n)
+    x = 0.5 * patterns[labels] + rng.normal(0, 1, (n, 32, 32, 3)).astype("float32")
+    return x.astype("float32"), np.eye(classes, dtype="float32")[labels]
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Context:
+    """What the stages share: data sets, model, settings, and results of earlier stages."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model = resnet()
+        self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+        x, y = images(args.n_train)
+        qx, qy = images(args.n_query, seed=1)
+        self.train_arrays = (x, y)
+        self.train = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch_size)
+        self.queries = tf.data.Dataset.from_tensor_slices((qx, qy)).batch(args.batch_size)
+        self.influence_model: Any = None
+        self.calculator: Any = None
+
+
+def stage_epoch(ctx: Context) -> str:
+    """One training epoch (the reference), after a one-batch warm-up that builds the train step."""
+    model = ctx.model
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x, y = ctx.train_arrays
+    model.fit(x[: ctx.args.batch_size], y[: ctx.args.batch_size], batch_size=ctx.args.batch_size, verbose=0)
+    start, cpu = time.perf_counter(), time.process_time()
+    model.fit(x, y, batch_size=ctx.args.batch_size, epochs=1, verbose=0, shuffle=False)
+    ctx.epoch_seconds = time.perf_counter() - start
+    ctx.epoch_cpu = time.process_time() - cpu
+    return f"{model.count_params():,} parameters"
+
+
+def stage_factors(ctx: Context) -> str:
+    ctx.influence_model = BaseInfluenceModel(ctx.model, loss_function=ctx.loss)
+    solver = EKFACIHVP(ctx.influence_model, ctx.train, query_rank=ctx.args.query_rank)
+    ctx.calculator = FirstOrderInfluenceCalculator(ctx.influence_model, ctx.train, ihvp_calculator=solver)
+    return f"{len(solver.layers)} Kronecker-factored layers, {len(solver.diagonals)} diagonal weights"
+
+
+def stage_self_influence(ctx: Context) -> str:
+    values = ctx.calculator.self_influence(ctx.train)
+    return f"min {values.min():.3g}, max {values.max():.3g}"
+
+
+def stage_pairwise(ctx: Context) -> str:
+    values, indices = ctx.calculator.top_k_indices(ctx.queries, ctx.train, k=10)
+    return f"top-10 of {ctx.args.n_query} x {ctx.args.n_train}; best value {values[:, 0].max():.3g}"
+
+
+def stage_trak(ctx: Context) -> str:
+    """TRAK featurisation of the training set for one checkpoint, k ~ 2,048: LoGra's factored
+    projection with `k_in = k_out = floor(sqrt(2048 / n_layers))` per layer (helper `trak`'s API)."""
+    n_layers = len(ctx.calculator.ihvp_calculator.layers)
+    side = int(np.sqrt(2048 / n_layers))
+    projection = FactoredProjection(ctx.influence_model, k_in=side, k_out=side)
+    TRAK(ctx.influence_model, ctx.train, projection=projection)
+    return f"k = {projection.k} ({side} x {side} per layer)"
+
+
+# The timed stages, in order: one `(name, fn)` pair each; `fn(ctx)` returns a short description
+# and its time is reported as a ratio to the epoch. Add new stages here.
+STAGES: list[tuple[str, Callable[[Context], str]]] = [
+    ("ekfac_factors", stage_factors),
+    ("self_influence", stage_self_influence),
+    ("pairwise_topk", stage_pairwise),
+    ("trak_featurise", stage_trak),
+]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ctx = Context(args)
+    results: dict[str, Any] = {"n_train": args.n_train, "n_query": args.n_query, "stages": {}}
+    note = stage_epoch(ctx)
+    results["epoch_seconds"], results["epoch_cpu"] = ctx.epoch_seconds, ctx.epoch_cpu
+    print(
+        f"epoch: {ctx.epoch_seconds:.1f} s wall, {ctx.epoch_cpu:.1f} s CPU ({note}); peak RSS {peak_rss_gib():.2f} GiB",
+        flush=True,
+    )
+    for name, fn in STAGES:
+        start, cpu = time.perf_counter(), time.process_time()
+        note = fn(ctx)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        results["stages"][name] = {
+            "seconds": seconds,
+            "epochs": seconds / ctx.epoch_seconds,
+            "cpu_epochs": cpu / ctx.epoch_cpu,
+        }
+        print(
+            f"{name}: {seconds:.1f} s = {seconds / ctx.epoch_seconds:.2f} epochs wall, "
+            f"{cpu / ctx.epoch_cpu:.2f} epochs CPU ({note}); peak RSS {peak_rss_gib():.2f} GiB",
+            flush=True,
+        )
+    results["peak_rss_gib"] = peak_rss_gib()
+    if args.fidelity_rank:
+        results["fidelity"] = low_rank_fidelity(ctx, args.fidelity_rank)
+    return results
+
+
+def low_rank_fidelity(ctx: Context, rank: int, n_train: int = 256, n_query: int = 32) -> dict[str, float]:
+    """Rank-`rank` queries against full rank on a slice: Pearson of the scores, overlap of the top-10."""
+    solver = ctx.calculator.ihvp_calculator
+    train, queries = ctx.train.unbatch().take(n_train).batch(64), ctx.queries.unbatch().take(n_query).batch(64)
+    scores = {}
+    for r in (None, rank):
+        solver.query_rank = r
+        calculator = FirstOrderInfluenceCalculator(ctx.influence_model, train, ihvp_calculator=solver)
+        scores[r] = calculator.influence_matrix(queries, train)
+    full, low = scores[None], scores[rank]
+    top_full, top_low = np.argsort(-full, axis=1)[:, :10], np.argsort(-low, axis=1)[:, :10]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_full, top_low)])
+    pearson = float(np.corrcoef(full.ravel(), low.ravel())[0, 1])
+    print(
+        f"query rank {rank} vs full rank ({n_query} x {n_train}): Pearson {pearson:.4f}, top-10 overlap {overlap:.3f}"
+    )
+    return {"rank": rank, "pearson": pearson, "top10_overlap": float(overlap)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-train", type=int, default=50_000)
+    parser.add_argument("--n-query", type=int, default=1_000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--query-rank", type=int, default=None, help="low-rank queries (default: full rank)")
+    parser.add_argument("--fidelity-rank", type=int, default=None, help="compare rank-r queries with full rank")
+    parser.add_argument("--sizes", type=str, default=None, help="comma-separated n_train values, one process each")
+    parser.add_argument("--json", action="store_true", help="print one JSON line of results at the end")
+    args = parser.parse_args()
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores", flush=True)
+    if args.sizes is None:
+        results = run(args)
+        print(f"peak RSS: {results['peak_rss_gib']:.2f} GiB")
+        if args.json:
+            print("JSON " + json.dumps(results))
+        return
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        command = [sys.executable, __file__, "--n-train", str(size), "--n-query", str(args.n_query)]
+        command += ["--batch-size", str(args.batch_size), "--json"]
+        if args.query_rank is not None:
+            command += ["--query-rank", str(args.query_rank)]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        print(output, flush=True)
+        rows.append(json.loads(output.split("JSON ", 1)[1]))
+    print("n_train | epoch s | " + " | ".join(f"{name} (epochs wall / CPU)" for name, _ in STAGES) + " | peak RSS GiB")
+    for row in rows:
+        ratios = " | ".join(
+            f"{row['stages'][name]['epochs']:.2f} / {row['stages'][name]['cpu_epochs']:.2f}" for name, _ in STAGES
+        )
+        print(f"{row['n_train']} | {row['epoch_seconds']:.1f} | {ratios} | {row['peak_rss_gib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
