@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from conftest import batched, logits_loss, make_classification, make_mlp
 from oracles import assert_close, loop_gradients
+from whole_models import images, resnet
 
-from vestigia import DataInf, GradCos, GradDot, InfluenceModel, InvalidModelError
+from vestigia import BaseInfluenceModel, DataInf, GradCos, GradDot, InfluenceModel, InvalidModelError
 from vestigia.projection import RandomProjection
+from vestigia.projection.captured import _capture_run
 
 # float32 per-example gradients against float64 loops.
 RTOL = 1e-4
@@ -95,3 +97,15 @@ def test_bad_input_is_refused(problem) -> None:
         GradCos(influence_model, projection="rademacher", projection_dim=58)
     with pytest.raises(ValueError, match="damping_scale"):
         DataInf(influence_model, train, damping_scale=-1.0)
+
+
+def test_whole_cnn_gradients_come_from_the_capture_pass_and_equal_the_loop() -> None:
+    """Conv and BatchNorm weights (outside a factored Dense head): the capture pass's gradients,
+    reordered to the model's parameter order, equal one tape per example."""
+    model = resnet(batch_norm=True)
+    x, y = images(10)
+    watched = BaseInfluenceModel(model, loss_function=logits_loss())
+    assert _capture_run(watched) is not None
+    grads = loop_gradients(model, watched.weights, logits_loss(), x, y)
+    values = GradDot(watched).influence_matrix(batched(x[6:], y[6:]), batched(x[:6], y[:6], 4))
+    assert_close(values, grads[6:] @ grads[:6].T, RTOL)

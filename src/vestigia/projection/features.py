@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from vestigia.data.dataset import Batch
 from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.projection.captured import example_gradients
 from vestigia.projection.random import KINDS, RandomProjection
 
 DEFAULT_PROJECTION_DIM = 2048
@@ -53,11 +54,5 @@ def projected_gradients(model: BaseInfluenceModel, batch: Batch, projection: Any
     projected by `projection` (see the module docstring)."""
     if hasattr(projection, "project_batch"):
         return projection.project_batch(model, batch)
-    losses, grads = model.example_gradients(batch)
+    losses, grads = example_gradients(model, batch)
     return losses, grads if projection is None else projection(grads)
-
-
-def feature_blocks(projection: Any, model: BaseInfluenceModel) -> list[int]:
-    """Widths of the independent blocks of the features (one per layer for per-layer projections)."""
-    blocks = getattr(projection, "output_blocks", None)
-    return list(blocks) if blocks is not None else [model.nb_params]
