@@ -1,9 +1,11 @@
 """Smoke test of the detection benchmark runner (benchmarks/detection/run.py) with --quick settings.
 
 Runs the script in a subprocess (it clears the Keras session while retraining) on the quick
-MNIST MLP setting, which exercises every method, the LDS with retraining and its cache, and
-checks the report: one table row per method, a number in the AUC column of every method that
-Vestigia has, values in range, the curve plot written.
+MNIST MLP setting with one method of each kind (curvature, checkpoints, K-FAC, an ensemble,
+baselines), which exercises the LDS with retraining and its cache, and checks the report: one
+table row per method, a number in the AUC column of every method that Vestigia has, values in
+range, the curve plot written. Under `-m slow`: every method of the whole-model setting, and
+the report keeping earlier settings and rows across runs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,28 @@ from detection_methods import available, methods_for  # noqa: E402
 from detection_setups import SETTINGS, flip_labels, quick  # noqa: E402
 
 SETTING = "mnist_mlp"
+FAST = ["Influence (exact)", "TracIn (all layers)", "EK-FAC (all layers)", "TRAK-10 (all layers)"]
+FAST += ["Loss (baseline)", "Random (baseline)"]
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _run(out: Path, setting: str, methods: list[str] | None, *extra: str) -> None:
+    command = [sys.executable, str(BENCH / "run.py"), "--quick", "--settings", setting, "--quiet"]
+    command += ["--out-dir", str(out), "--cache-dir", str(out / "cache"), *extra]
+    command += [] if methods is None else ["--methods", ",".join(methods)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ENV, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _check_rows(report: str, methods: list) -> None:
+    rows = _table_rows(report)
+    assert sorted(rows) == sorted(m.name for m in methods)
+    for method in methods:
+        status = rows[method.name][0]
+        if available(method) is None:
+            assert status == "not available"
+        else:
+            assert 0.0 <= float(status) <= 1.0, f"{method.name}: {rows[method.name]}"  # the AUC, not "failed: ..."
 
 
 def _table_rows(report: str) -> dict[str, list[str]]:
@@ -53,24 +77,20 @@ def test_flip_labels_flips_exactly_the_fraction_uniformly_to_other_classes() -> 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("detection")
-    command = [sys.executable, str(BENCH / "run.py"), "--quick", "--settings", SETTING, "--quiet"]
-    command += ["--out-dir", str(out), "--cache-dir", str(out / "cache")]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(out, SETTING, FAST)
     return out
 
 
-def test_quick_report_has_a_row_per_available_method(quick_run: Path) -> None:
-    rows = _table_rows((quick_run / "detection.md").read_text())
-    methods = methods_for(quick(SETTINGS[SETTING]))
-    assert sorted(rows) == sorted(m.name for m in methods)
-    for method in methods:
-        status = rows[method.name][0]
-        if available(method) is None:
-            assert status == "not available"
-        else:
-            assert 0.0 <= float(status) <= 1.0, f"{method.name}: {rows[method.name]}"  # the AUC, not "failed: ..."
+def test_quick_report_has_a_row_per_method_run(quick_run: Path) -> None:
+    methods = [m for m in methods_for(quick(SETTINGS[SETTING])) if m.name in FAST]
+    assert len(methods) == len(FAST)
+    _check_rows((quick_run / "detection.md").read_text(), methods)
+
+
+@pytest.mark.slow
+def test_every_method_runs_on_the_quick_whole_model_setting(tmp_path: Path) -> None:
+    _run(tmp_path, "mnist_mlp64", None)
+    _check_rows((tmp_path / "detection.md").read_text(), methods_for(quick(SETTINGS["mnist_mlp64"])))
 
 
 def test_quick_results_are_consistent(quick_run: Path) -> None:
@@ -88,3 +108,29 @@ def test_quick_results_are_consistent(quick_run: Path) -> None:
         assert -1.0 <= row["lds_ci"][0] <= row["lds"] <= row["lds_ci"][1] <= 1.0, row
     assert (quick_run / f"curves_{SETTING}.png").stat().st_size > 10_000
     assert len(list((quick_run / "cache").rglob("job_*.npy"))) == quick(SETTINGS[SETTING]).lds_subsets
+
+
+@pytest.mark.slow
+def test_later_runs_keep_the_earlier_tables_and_rows(quick_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    out.mkdir()
+    for name in ("detection.md", "detection.json", f"curves_{SETTING}.npz"):
+        (out / name).write_bytes((quick_run / name).read_bytes())
+    _run(out, "digits_cnn", ["Loss (baseline)", "Random (baseline)"], "--no-lds")
+    report = (out / "detection.md").read_text()
+    assert report.index(f"## {SETTING}:") < report.index("## digits_cnn:")  # kept, in the order of SETTINGS
+    before = json.loads((quick_run / "detection.json").read_text())["results"][0]
+    after = {r["name"]: r for r in json.loads((out / "detection.json").read_text())["results"]}
+    assert after[SETTING]["rows"] == before["rows"]
+    assert [r["name"] for r in after["digits_cnn"]["rows"]] == ["Loss (baseline)", "Random (baseline)"]
+    assert (
+        _table_rows(report)["Influence (exact)"]
+        == _table_rows((quick_run / "detection.md").read_text())["Influence (exact)"]
+    )
+    # a run of one method of the same setting replaces that row only, and keeps the others' curves
+    _run(out, SETTING, ["Loss (baseline)"], "--no-lds")
+    rows = json.loads((out / "detection.json").read_text())["results"][0]["rows"]
+    assert [r["name"] for r in rows] == [r["name"] for r in before["rows"]]
+    assert rows[0] == before["rows"][0]
+    with np.load(out / f"curves_{SETTING}.npz") as curves:
+        assert sorted(curves.files) == sorted(FAST)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import pkgutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,14 +28,28 @@ LOSS = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
 @dataclass
 class Context:
     """What a method is built from: the trained logits model, its TracIn checkpoints (with their
-    learning-rate weights), the training data as a batched dataset, and the setting."""
+    learning-rate weights), the training data as a batched dataset, the setting, and
+    `train_model(seed)`, which trains another model on the same labels (for ensembles)."""
 
     setting: Setting
     model: keras.Model
     checkpoints: list[keras.Model]
     checkpoint_rates: list[float]
     train: tf.data.Dataset
+    train_model: Callable[[int], keras.Model] | None = None
     shared: dict[str, Any] = field(default_factory=dict)
+
+    def ensemble(self, size: int) -> list[keras.Model]:
+        """The context's model and `size - 1` more trained independently (seeds `seed + 1000 + i`),
+        trained once per context and shared by the methods."""
+        models = self.shared.setdefault("ensemble", [self.model])
+        if len(models) < size and self.train_model is None:
+            raise ValueError(f"this context cannot train an ensemble of {size} models (no `train_model`)")
+        while len(models) < size:
+            start = time.perf_counter()
+            models.append(self.train_model(self.setting.seed + 1000 + len(models)))
+            self.shared["ensemble_s"] = self.shared.get("ensemble_s", 0.0) + time.perf_counter() - start
+        return models[:size]
 
     def rebatched(self, batch_size: int) -> Context:
         """The same context with the training data in batches of `batch_size` (shared state kept)."""
@@ -50,9 +66,9 @@ class Context:
 
 
 def resolve(class_name: str) -> Any | None:
-    """The Vestigia class called `class_name`, from the package, `vestigia.methods` or one of its
-    modules; None if it does not exist (yet)."""
-    for module_name in ("vestigia", "vestigia.methods"):
+    """The Vestigia class called `class_name`, from the package, `vestigia.methods` (or one of its
+    modules) or `vestigia.curvature`; None if it does not exist (yet)."""
+    for module_name in ("vestigia", "vestigia.methods", "vestigia.curvature"):
         module = importlib.import_module(module_name)
         if hasattr(module, class_name):
             return getattr(module, class_name)
@@ -109,28 +125,92 @@ class RandomBaseline:
         return self.rng.normal(size=(n_test, sum(int(x.shape[0]) for x, _ in train)))
 
 
-def _exact_ihvp(context: Context) -> Any:
-    """The exact solver of the last layer, built once per context (RelatIF reuses exact's)."""
-    if "exact" not in context.shared:
+def _damping(setting: Setting, target: Any) -> dict[str, Any]:
+    """`damping = 2 * l2` (the Hessian of the kernels' L2 penalty, see README), and, where the
+    solver `target` (a class) can add the model's own L2 terms to `H` itself (`regularization=`),
+    that turned off, so the penalty is counted once whichever version of Vestigia runs."""
+    options: dict[str, Any] = {"damping": setting.damping}
+    if "regularization" in inspect.signature(target.__init__).parameters:
+        options["regularization"] = False
+    return options
+
+
+def _solver_class(name: str) -> Any:
+    """The IHVP class behind a solver name ("exact", "cgd", "lissa")."""
+    from vestigia.curvature import ConjugateGradientDescentIHVP, ExactIHVP, LissaIHVP
+
+    return {"exact": ExactIHVP, "cgd": ConjugateGradientDescentIHVP, "lissa": LissaIHVP}[name]
+
+
+def _exact_ihvp(context: Context, all_layers: bool = False) -> Any:
+    """The exact solver of the last (or every) layer, built once per context (RelatIF reuses exact's)."""
+    key = "exact (all layers)" if all_layers else "exact"
+    if key not in context.shared:
         from vestigia import ExactIHVP
 
-        context.shared["exact"] = ExactIHVP(context.influence_model(), context.train, damping=context.setting.damping)
-    return context.shared["exact"]
+        model = context.influence_model(all_layers)
+        context.shared[key] = ExactIHVP(model, context.train, **_damping(context.setting, ExactIHVP))
+    return context.shared[key]
 
 
-def _first_order(solver: str, normalize: bool = False) -> Callable[[Any, Context], Any]:
+def _first_order(solver: str, normalize: bool = False, all_layers: bool = False) -> Callable[[Any, Context], Any]:
     def build(cls: Any, c: Context) -> Any:
         s = c.setting
+        model = c.influence_model(all_layers)
         if solver == "exact":
-            return cls(c.influence_model(), c.train, ihvp_calculator=_exact_ihvp(c), normalize=normalize)
-        options: dict[str, Any] = {"damping": s.damping}
+            return cls(model, c.train, ihvp_calculator=_exact_ihvp(c, all_layers), normalize=normalize)
+        options = _damping(s, _solver_class(solver))
         if solver == "cgd":
             options["n_opt_iters"] = s.cg_iters
         else:
             options.update(n_opt_iters=s.lissa_iters, scale=s.lissa_scale)
-        return cls(c.influence_model(), c.train, solver, n_samples_for_hessian=s.cg_hessian_samples, **options)
+        return cls(model, c.train, solver, n_samples_for_hessian=s.cg_hessian_samples, **options)
 
     return build
+
+
+def _kronecker(solver: str) -> Callable[[Any, Context], Any]:
+    """K-FAC / EK-FAC over every layer, by name (`cls` is only the availability check of the
+    solver class): true Fisher (seeded sampled labels), the setting's damping on every layer."""
+
+    def build(cls: Any, c: Context) -> Any:
+        from vestigia import FirstOrderInfluenceCalculator
+
+        options = {"damping": c.setting.damping, "seed": c.setting.seed}
+        return FirstOrderInfluenceCalculator(c.influence_model(True), c.train, solver, **options)
+
+    return build
+
+
+def _trak(n_models: int) -> Callable[[Any, Context], Any]:
+    """TRAK over every layer: one model, or an ensemble of independently trained ones (the
+    setting's `ensemble_size`, 10 except in `--quick`). Projection: dense Rademacher to k = 2048
+    (the class default) up to 10,000 parameters, else LoGra's factored projection with
+    k_in = k_out = 40 (k = 2,000 on the 784-64-10 MLP; the dense one costs ~2 min per model
+    there, mostly drawing the random matrix); kernel damping: the class default."""
+
+    def build(cls: Any, c: Context) -> Any:
+        size = 1 if n_models == 1 else c.setting.ensemble_size
+        models = [c.influence_model(True, model) for model in c.ensemble(size)]
+        projection: Any = "rademacher"
+        if models[0].nb_params > 10_000:
+            from vestigia.projection import FactoredProjection
+
+            projection = FactoredProjection(models[0], k_in=40, k_out=40, seed=c.setting.seed)
+        return cls(models, c.train, projection=projection, seed=c.setting.seed)
+
+    return build
+
+
+def _datainf(cls: Any, c: Context) -> Any:
+    """DataInf over every layer: exact per-layer blocks where they are small enough (<= 4,096
+    parameters, the class's limit), else one Rademacher-projected block of 2,048."""
+    from vestigia.methods.datainf import layer_blocks
+
+    model = c.influence_model(True)
+    if max(width for _, width in layer_blocks(model)) <= 4096:
+        return cls(model, c.train)
+    return cls(model, c.train, projection="rademacher", projection_dim=2048, seed=c.setting.seed)
 
 
 def _arnoldi(all_layers: bool) -> Callable[[Any, Context], Any]:
@@ -143,7 +223,7 @@ def _arnoldi(all_layers: bool) -> Callable[[Any, Context], Any]:
             force_hermitian=True,
             k_largest_eig_vals=s.arnoldi_k,
             seed=s.seed,
-            damping=s.damping,
+            **_damping(s, cls),
         )
 
     return build
@@ -176,14 +256,14 @@ def _rps_l2(targets: str) -> Callable[[Any, Context], Any]:
 def _rps_lje(cls: Any, c: Context) -> Any:
     s = c.setting
     if s.lje_solver == "exact":
-        return cls(c.influence_model(), c.train, ihvp_calculator="exact", damping=s.damping)
+        return cls(c.influence_model(), c.train, ihvp_calculator="exact", **_damping(s, _solver_class("exact")))
     return cls(
         c.influence_model(),
         c.train,
         ihvp_calculator=s.lje_solver,
         n_samples_for_hessian=s.cg_hessian_samples,
-        damping=s.damping,
         n_opt_iters=s.cg_iters,
+        **_damping(s, _solver_class(s.lje_solver)),
     )
 
 
@@ -192,10 +272,26 @@ METHODS: list[Method] = [
     Method("RelatIF (exact)", "FirstOrderInfluenceCalculator", _first_order("exact", True)),
     Method("Influence (CG)", "FirstOrderInfluenceCalculator", _first_order("cgd")),
     Method("Influence (LiSSA)", "FirstOrderInfluenceCalculator", _first_order("lissa")),
+    Method("Influence exact (all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", all_layers=True)),
+    Method("RelatIF exact (all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", True, True)),
+    Method("Influence CG (all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
+    Method("Influence LiSSA (all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
+    Method("EK-FAC (all layers)", "EKFACIHVP", _kronecker("ekfac")),
+    Method("K-FAC (all layers)", "KFACIHVP", _kronecker("kfac")),
     Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
     Method("TracIn", "TracIn", _tracin(False)),
     Method("TracIn (all layers)", "TracIn", _tracin(True)),
+    Method("TRAK-1 (all layers)", "TRAK", _trak(1)),
+    Method("TRAK-10 (all layers)", "TRAK", _trak(10)),
+    Method(
+        "LoGra (all layers)",
+        "LoGra",
+        lambda cls, c: cls(c.influence_model(True), c.train, k_in=32, k_out=32, seed=c.setting.seed),
+    ),
+    Method("Grad-Dot (all layers)", "GradDot", lambda cls, c: cls(c.influence_model(True))),
+    Method("Grad-Cos (all layers)", "GradCos", lambda cls, c: cls(c.influence_model(True))),
+    Method("DataInf (all layers)", "DataInf", _datainf),
     Method("RPS-L2", "RepresenterPointL2", _rps_l2("model")),
     Method("RPS-L2 (label targets)", "RepresenterPointL2", _rps_l2("labels")),
     Method("RPS-LJE", "RepresenterPointLJE", _rps_lje),
@@ -211,9 +307,32 @@ METHODS: list[Method] = [
 ]
 
 
+# The methods of issue 11 (whole-model attribution); the others are "the methods available before".
+NEW_METHODS = (
+    "EK-FAC (all layers)",
+    "K-FAC (all layers)",
+    "TRAK-1 (all layers)",
+    "TRAK-10 (all layers)",
+    "LoGra (all layers)",
+    "Grad-Dot (all layers)",
+    "Grad-Cos (all layers)",
+    "DataInf (all layers)",
+)
+LAST_LAYER_ONLY = ("Influence (", "RelatIF (", "Arnoldi", "TracIn")
+
+
 def methods_for(setting: Setting) -> list[Method]:
-    """The methods that apply to a setting (all-layer variants only where asked)."""
-    return [m for m in METHODS if setting.all_layer_variants or "(all layers)" not in m.name]
+    """The methods that apply to a setting: all-layer variants only where asked, rows watching
+    only the last layer unless the setting turns them off."""
+    chosen = []
+    for m in METHODS:
+        whole = "(all layers)" in m.name
+        if whole and not setting.all_layer_variants:
+            continue
+        if not whole and not setting.last_layer_rows and m.name.startswith(LAST_LAYER_ONLY):
+            continue
+        chosen.append(m)
+    return chosen
 
 
 def available(method: Method) -> Any | None:

@@ -15,6 +15,7 @@ class MethodResult:
 
     name: str
     status: str = "ok"
+    detection_status: str = ""
     auc: float = math.nan
     found: dict[float, float] = field(default_factory=dict)
     area_under_curve: float = math.nan
@@ -25,7 +26,16 @@ class MethodResult:
     lds_setup_s: float = math.nan
     scores_s: float = math.nan
     lds_status: str = ""
+    lds_per_test: list[float] | None = field(default=None, repr=False)
     curve: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodResult:
+        """Inverse of `to_dict` (without the curve)."""
+        values = {k: (math.nan if v is None else v) for k, v in data.items() if k in cls.__dataclass_fields__}
+        values["found"] = {float(k): v for k, v in data.get("found", {}).items()}
+        values["lds_ci"] = tuple(math.nan if v is None else v for v in data.get("lds_ci", (None, None)))
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "curve"}
@@ -45,6 +55,13 @@ class SettingResult:
     notes: list[str]
     lds: bool
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SettingResult:
+        """Inverse of `to_dict`; the LDS column is shown if any row has an LDS entry."""
+        rows = [MethodResult.from_dict(r) for r in data["rows"]]
+        lds = any(not math.isnan(r.lds) or r.lds_status for r in rows)
+        return cls(data["name"], data["title"], data["facts"], rows, data["notes"], lds)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -53,6 +70,33 @@ class SettingResult:
             "notes": self.notes,
             "rows": [r.to_dict() for r in self.rows],
         }
+
+
+def paired_lds_difference(a: MethodResult, b: MethodResult, seed: int = 0, n_bootstrap: int = 2000) -> tuple:
+    """`(mean, ci_low, ci_high)` of `LDS(a) - LDS(b)`: the mean over test images of the per-test
+    difference of Spearman correlations, 95% bootstrap interval over test images (paired)."""
+    diff = np.asarray(a.lds_per_test, float) - np.asarray(b.lds_per_test, float)
+    diff = diff[np.isfinite(diff)]
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, size=(n_bootstrap, diff.size))].mean(axis=1)
+    return float(diff.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def comparison(result: SettingResult, new: tuple[str, ...], seed: int = 0) -> list[str]:
+    """Lines comparing each new method's LDS with the best LDS of the other (earlier) methods."""
+    scored = [r for r in result.rows if r.lds_per_test is not None and not math.isnan(r.lds)]
+    before = [r for r in scored if r.name not in new and "baseline" not in r.name]
+    if not before:
+        return []
+    best = max(before, key=lambda r: r.lds)
+    lines = []
+    for row in (r for r in scored if r.name in new):
+        mean, low, high = paired_lds_difference(row, best, seed)
+        lines.append(
+            f"LDS of {row.name} minus the best earlier method ({best.name}, {best.lds:.3f}):"
+            f" {mean:+.3f} [{low:+.3f}, {high:+.3f}] (paired bootstrap over test images)"
+        )
+    return lines
 
 
 def _number(value: float, digits: int = 3) -> str:
@@ -80,7 +124,7 @@ def table(result: SettingResult) -> str:
         else:
             cells = [
                 row.name,
-                _number(row.auc),
+                row.detection_status or _number(row.auc),
                 _number(row.found.get(0.1, math.nan)),
                 _number(row.found.get(0.2, math.nan)),
             ]
@@ -98,8 +142,11 @@ def table(result: SettingResult) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[SettingResult], header: dict[str, str], protocol: str) -> str:
-    """The whole report: machine and run facts, then per setting its facts, table and notes."""
+def markdown(
+    results: list[SettingResult], header: dict[str, str], protocol: str, new_methods: tuple[str, ...] = ()
+) -> str:
+    """The whole report: machine and run facts, then per setting its facts, table, the LDS of
+    each of `new_methods` against the best other method, and notes."""
     parts = ["# Mislabel detection and LDS benchmark", ""]
     parts += [f"- {key}: {value}" for key, value in header.items()]
     parts += ["", protocol.strip(), ""]
@@ -107,6 +154,9 @@ def markdown(results: list[SettingResult], header: dict[str, str], protocol: str
         parts += [f"## {result.name}: {result.title}", ""]
         parts += [f"- {key}: {value}" for key, value in result.facts.items()]
         parts += ["", table(result), ""]
+        lines = comparison(result, new_methods, seed=0)
+        if lines:
+            parts += [f"- {line}" for line in lines] + [""]
         if result.notes:
             parts += [f"- {note}" for note in result.notes] + [""]
         parts += [f"![detection curves](curves_{result.name}.png)", ""]

