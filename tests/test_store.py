@@ -86,15 +86,22 @@ def _expected_chunk(index: int) -> np.ndarray:
     return np.random.default_rng(index).normal(size=(100, 256)).astype("float32")
 
 
-def _fill(path: Path, on_chunk: Any) -> list[int]:
+def _fill(path: Path, on_chunk: Any, compute: Any = _expected_chunk) -> list[int]:
     stored = ChunkedStore(path, FP).array("x", (4000, 256), chunk_rows=100)
-    return stored.fill(_expected_chunk, on_chunk=on_chunk)
+    return stored.fill(compute, on_chunk=on_chunk)
+
+
+def _slow_chunk(index: int) -> np.ndarray:
+    """A chunk that takes ~10 ms to compute, as real chunks do, so that a kill within 30 ms of
+    the first finished chunk always lands before the whole store is written, on any machine."""
+    time.sleep(0.01)
+    return _expected_chunk(index)
 
 
 def _writer_child(path: Path, write_end: int) -> None:
     """Run in a forked child: fill the store, reporting each finished chunk on the pipe."""
     try:
-        _fill(path, lambda i: os.write(write_end, f"{i}\n".encode()))
+        _fill(path, lambda i: os.write(write_end, f"{i}\n".encode()), _slow_chunk)
     finally:
         os._exit(0)
 
