@@ -18,7 +18,7 @@ import tensorflow as tf
 from vestigia.curvature.regularization import regularization_diagonal
 from vestigia.data.dataset import as_batched_dataset, to_batched_dataset
 from vestigia.errors import InvalidDataError, NonFiniteError, check_non_negative
-from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch
+from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch, check_influence_model
 
 ALTERNATIVES = (
     "Use a matrix-free or low-rank solver instead: ihvp_calculator='cg' (ConjugateGradientDescentIHVP), "
@@ -45,8 +45,7 @@ class InverseHessianVectorProduct(ABC):
         damping: float = 0.0,
         regularization: bool = True,
     ) -> None:
-        if not isinstance(influence_model, BaseInfluenceModel):
-            raise TypeError(f"`influence_model` must be an InfluenceModel. Received: {type(influence_model).__name__}")
+        check_influence_model(influence_model, "influence_model")
         self.model = influence_model
         self.train_dataset = None if train_dataset is None else as_batched_dataset(train_dataset, "train_dataset")
         self.damping = check_non_negative("damping", damping)

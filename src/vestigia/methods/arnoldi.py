@@ -28,7 +28,7 @@ from vestigia.curvature.arnoldi import ArnoldiIHVP
 from vestigia.data.dataset import Batch, as_batched_dataset
 from vestigia.methods.engine import BaseInfluenceCalculator
 from vestigia.methods.first_order import example_gradients
-from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 
 
 class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
@@ -69,8 +69,7 @@ class ArnoldiInfluenceCalculator(BaseInfluenceCalculator):
         indefinite: str = "abs",
         regularization: bool = True,
     ) -> None:
-        if not isinstance(model, BaseInfluenceModel):
-            raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
+        check_influence_model(model, "model")
         dtype = tf.as_dtype(dtype)
         if not dtype.is_floating:
             raise TypeError(f"`dtype` must be a floating dtype (tf.float32 or tf.float64). Received: dtype={dtype!r}")

@@ -26,7 +26,7 @@ import tensorflow as tf
 from vestigia.data.dataset import Batch, as_batched_dataset
 from vestigia.errors import InvalidDataError, InvalidModelError, check_non_negative, check_positive_int
 from vestigia.methods.engine import BaseInfluenceCalculator
-from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 from vestigia.projection.features import make_projection, projected_gradients
 
 PAPER_DAMPING_SCALE = 0.1
@@ -74,8 +74,7 @@ class DataInf(BaseInfluenceCalculator):
         seed: int = 0,
         max_block_params: int = 4096,
     ) -> None:
-        if not isinstance(model, BaseInfluenceModel):
-            raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
+        check_influence_model(model, "model")
         self.model = model
         self.process_batch_for_loss_fn = model.process_batch_for_loss_fn
         self.projection = make_projection(projection, model.nb_params, projection_dim, seed)

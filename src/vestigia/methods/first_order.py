@@ -18,7 +18,7 @@ from vestigia.curvature.base import InverseHessianVectorProduct
 from vestigia.data.dataset import Batch, as_batched_dataset, iterate_batches
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.engine import BaseInfluenceCalculator
-from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 
 
 def hessian_dataset(
@@ -96,8 +96,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
         normalize: bool = False,
         **ihvp_options: Any,
     ) -> None:
-        if not isinstance(model, BaseInfluenceModel):
-            raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
+        check_influence_model(model, "model")
         self.model = model
         self.train_set = as_batched_dataset(dataset, "dataset")
         self.process_batch_for_loss_fn = model.process_batch_for_loss_fn

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from vestigia.data.dataset import Batch
 from vestigia.methods.engine import BaseInfluenceCalculator
-from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 from vestigia.projection.features import make_projection, projected_gradients
 
 
@@ -40,8 +40,7 @@ class GradDot(BaseInfluenceCalculator):
     def __init__(
         self, model: BaseInfluenceModel, projection: Any = None, projection_dim: int | None = None, seed: int = 0
     ) -> None:
-        if not isinstance(model, BaseInfluenceModel):
-            raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
+        check_influence_model(model, "model")
         self.model = model
         self.process_batch_for_loss_fn = model.process_batch_for_loss_fn
         self.projection = make_projection(projection, model.nb_params, projection_dim, seed)

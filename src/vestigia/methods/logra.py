@@ -20,7 +20,7 @@ import tensorflow as tf
 from vestigia.data.dataset import Batch, as_batched_dataset
 from vestigia.errors import check_non_negative
 from vestigia.methods.engine import BaseInfluenceCalculator
-from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 from vestigia.projection.factored import DEFAULT_FACTOR_DIM, FactoredProjection
 from vestigia.projection.features import projected_gradients
 from vestigia.projection.gram import damped_gram_inverse
@@ -54,8 +54,7 @@ class LoGra(BaseInfluenceCalculator):
         kind: str = "rademacher",
         seed: int = 0,
     ) -> None:
-        if not isinstance(model, BaseInfluenceModel):
-            raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
+        check_influence_model(model, "model")
         self.model = model
         self.process_batch_for_loss_fn = model.process_batch_for_loss_fn
         self.projection = projection or FactoredProjection(model, k_in, k_out, kind=kind, seed=seed)

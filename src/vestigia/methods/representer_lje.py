@@ -45,7 +45,7 @@ from vestigia.data.dataset import Batch, as_batched_dataset, dataset_size
 from vestigia.errors import InvalidModelError, check_non_negative
 from vestigia.methods.first_order import build_ihvp, hessian_dataset
 from vestigia.methods.representer import RepresenterPointCalculator
-from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch, InfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, FeatureBatch, InfluenceModel, check_influence_model
 
 
 def perturbed_head(dense: keras.layers.Dense, post_layers: list[keras.layers.Layer], kernel: np.ndarray) -> keras.Model:
@@ -108,8 +108,7 @@ class RepresenterPointLJE(RepresenterPointCalculator):
         ihvp_calculator_factory: Any = None,
         **ihvp_options: Any,
     ) -> None:
-        if not isinstance(influence_model, BaseInfluenceModel):
-            raise TypeError(f"`influence_model` must be an InfluenceModel. Received: {type(influence_model).__name__}")
+        check_influence_model(influence_model, "influence_model")
         super().__init__(
             influence_model.model,
             target_layer,

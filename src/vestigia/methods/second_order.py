@@ -37,7 +37,7 @@ from vestigia.curvature.base import summed_hessian_products
 from vestigia.data.dataset import as_batched_dataset, dataset_size
 from vestigia.errors import InvalidDataError
 from vestigia.methods.first_order import build_ihvp, summed_gradient
-from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 
 
 def basu_coefficients(group_size: int, n_train: int) -> tuple[float, float]:
@@ -92,8 +92,7 @@ class SecondOrderInfluenceCalculator:
         shuffle_buffer_size: int = 10000,
         **ihvp_options: Any,
     ) -> None:
-        if not isinstance(model, BaseInfluenceModel):
-            raise TypeError(f"`model` must be an InfluenceModel. Received: {type(model).__name__}")
+        check_influence_model(model, "model")
         self.model = model
         self.process_batch_for_loss_fn = model.process_batch_for_loss_fn
         self.train_set = as_batched_dataset(dataset, "dataset")

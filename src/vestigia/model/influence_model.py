@@ -432,3 +432,10 @@ class InfluenceModel(BaseInfluenceModel):
         self.start_layer = start
         self.last_layer = last
         super().__init__(model, watched, loss_function, process_batch_for_loss_fn)
+
+
+def check_influence_model(value: Any, name: str = "model") -> BaseInfluenceModel:
+    """Return `value` if it is an `InfluenceModel`; otherwise raise a `TypeError` naming `name`."""
+    if not isinstance(value, BaseInfluenceModel):
+        raise TypeError(f"`{name}` must be an InfluenceModel. Received: {type(value).__name__}")
+    return value
