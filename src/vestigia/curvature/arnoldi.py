@@ -24,6 +24,7 @@ from vestigia.curvature.iterative import IterativeIHVP
 from vestigia.curvature.solvers import Operator, as_callable
 from vestigia.curvature.spectrum import check_indefinite, inverse_eigenvalues, resolve_rcond
 from vestigia.errors import check_memory, check_positive_int
+from vestigia.progress import track
 from vestigia.model.influence_model import BaseInfluenceModel
 
 
@@ -93,7 +94,7 @@ def arnoldi_iteration(
     basis[0] = start / np.linalg.norm(start)
     hessenberg = np.zeros((subspace_dim + 1, subspace_dim))
     scale = 0.0
-    for j in range(subspace_dim):
+    for j in track(range(subspace_dim), "Arnoldi iterations"):
         w = np.asarray(apply(basis[j : j + 1]), dtype=np.float64).reshape(-1)
         for _ in range(2):
             coefficients = basis[: j + 1] @ w
