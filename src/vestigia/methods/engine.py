@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.data.blocks import coalesce, parts_of
 from vestigia.data.dataset import (
     Batch,
     ProcessBatchFn,
@@ -85,11 +86,27 @@ class SelfInfluenceCalculator(ABC):
         """Self-influence of each example of a raw batch, shape `(batch,)`."""
 
     def _checked_values(self, batch: Batch) -> np.ndarray:
-        """`_self_influence(batch)`, raising `NonFiniteError` if a value is NaN or Inf."""
-        return check_finite_values(np.asarray(self._self_influence(batch)), batch, "self-influence")
+        """`_self_influence(batch)`, raising `NonFiniteError` if a value is NaN or Inf (naming the
+        user's batch that holds it, in a block)."""
+        values = np.asarray(self._self_influence(batch))
+        start = 0
+        for part in parts_of(batch):
+            check_finite_values(values[start : start + part.size], part, "self-influence")
+            start += part.size
+        return values
 
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
         return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
+
+    def _block_rows(self, extra_width: int = 0) -> int | None:
+        """Examples per block when this method merges the user's batches (closed-form heads, see
+        `vestigia.data.blocks`), else None. `extra_width`: further float32 values per example
+        (e.g. one score per test example)."""
+        return None
+
+    def _blocks(self, dataset: Any, name: str, extra_width: int = 0) -> Iterator[Batch]:
+        """`_batches`, merged into blocks of `_block_rows(extra_width)` examples where it is not None."""
+        return coalesce(self._batches(dataset, name), self._block_rows(extra_width))
 
     def self_influence(self, train_set: Any, device: str | None = None, store: StorePath | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order.
@@ -99,7 +116,7 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             if store is not None:
                 return self._stored_self_influence(train_set, store)
-            batches = track(self._batches(train_set, "train_set"), "self-influence (batches)", _n_batches(train_set))
+            batches = track(self._blocks(train_set, "train_set"), "self-influence (batches)", _n_batches(train_set))
             values = [np.asarray(self._checked_values(b), np.float32) for b in batches]
         return np.concatenate(values)
 
@@ -114,9 +131,9 @@ class SelfInfluenceCalculator(ABC):
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
             values, sizes = [], []
-            for batch in self._batches(train_set, "train_set"):
+            for batch in self._blocks(train_set, "train_set"):
                 values.append(np.asarray(self._checked_values(batch), np.float32))
-                sizes.append(batch.size)
+                sizes += [part.size for part in parts_of(batch)]
         return tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
 
     def _compute_influence_values(self, train_set: Any) -> tf.Tensor:
@@ -132,7 +149,7 @@ class SelfInfluenceCalculator(ABC):
         check_positive_int("k", k)
         train_set = as_batched_dataset(train_set, "train_set")
         stream = StreamingTopK(1, k, order)
-        for batch in self._batches(train_set, "train_set"):
+        for batch in self._blocks(train_set, "train_set"):
             stream.add(self._checked_values(batch)[None, :])
         _check_k(k, stream.seen, "training examples")
         values, indices = stream.result()
@@ -175,10 +192,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     def _test_sides(self, dataset: Any) -> tuple[list[tf.Tensor], list[int]]:
         sides: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
         sizes = []
-        for batch in self._batches(dataset, "dataset_to_evaluate"):
+        for batch in self._blocks(dataset, "dataset_to_evaluate"):
             for c in range(self.n_components):
                 sides[c].append(self._score_test_side(batch, c))
-            sizes.append(batch.size)
+            sizes += [part.size for part in parts_of(batch)]
         return [tf.concat(s, axis=0) for s in sides], sizes
 
     def score_blocks(
@@ -188,25 +205,37 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         test_sides, _ = self._test_sides(dataset_to_evaluate)
         yield from self._blocks_against(test_sides, train_set, store)
 
-    def _train_sides(self, train_set: Any, store: StorePath | None) -> Iterator[list[Any]]:
-        """Training-side vectors of each batch, one per component; cached per batch in `store`."""
-        batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
+    def _train_sides(
+        self, train_set: Any, store: StorePath | None, n_test: int = 0
+    ) -> Iterator[tuple[list[int] | None, list[Any]]]:
+        """Training-side vectors of each batch (or block, then with the sizes of the user's
+        batches it holds; else None), one per component; cached per batch in `store`."""
         compute = lambda b: [self._score_train_side(b, c) for c in range(self.n_components)]  # noqa: E731
         if store is None:
-            return map(compute, batches)
+            blocks = self._blocks(train_set, "train_set", n_test)
+            blocks = track(blocks, "scoring (training batches)", _n_batches(train_set))
+            return (([p.size for p in parts_of(b)] if b.parts else None, compute(b)) for b in blocks)
+        batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
         names = [f"train_side_{c}" for c in range(self.n_components)]
-        return stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
+        return (
+            (None, row) for row in stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
+        )
 
     @checked_blocks
     def _blocks_against(
         self, test_sides: list[tf.Tensor], train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
-        for train_side in self._train_sides(train_set, store):
+        n_test = int(test_sides[0].shape[0]) if test_sides else 0
+        for sizes, train_side in self._train_sides(train_set, store, n_test):
             block = None
             for c, test_side in enumerate(test_sides):
                 scores = self._pair(test_side, train_side[c], c)
                 block = scores if block is None else block + scores
-            yield np.asarray(block)
+            block = np.asarray(block)
+            if sizes is None:
+                yield block
+            else:  # one block per user's batch
+                yield from np.split(block, np.cumsum(sizes)[:-1], axis=1)
 
     def influence_matrix(
         self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None, store: StorePath | None = None
@@ -279,9 +308,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def _influence_vectors(self, train_set: tf.data.Dataset) -> tuple[tf.Tensor, list[int]]:
         vectors, sizes = [], []
-        for batch in self._batches(train_set, "train_set"):
+        for batch in self._blocks(train_set, "train_set"):
             vectors.append(tf.concat([self._influence_vector(batch, c) for c in range(self.n_components)], axis=1))
-            sizes.append(batch.size)
+            sizes += [part.size for part in parts_of(batch)]
         return tf.concat(vectors, axis=0), sizes
 
     def compute_influence_vector(
