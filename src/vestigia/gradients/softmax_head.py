@@ -25,6 +25,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 _LOSSES = {
     keras.losses.CategoricalCrossentropy: {"from_logits", "label_smoothing", "axis"},
@@ -84,6 +85,22 @@ class SoftmaxDenseHead:
         if not _closed_form_loss(loss_fn, layer.activation) or _input_rank(layer) != 2:
             return None
         return cls(layer, with_bias, type(loss_fn) is keras.losses.SparseCategoricalCrossentropy)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.layer.units)
+
+    def accepts_targets(self, targets: Any, n: int) -> bool:
+        """True if `targets` are labels this loss takes for `n` examples without question: integer
+        class indices `(n,)` or `(n, 1)` (sparse), or one row per class `(n, n_classes)`; anything
+        else is left to the Keras loss itself to accept or refuse."""
+        dtype = getattr(targets, "dtype", None)
+        if dtype is None:
+            return False
+        dtype, shape = tf.as_dtype(dtype), tuple(targets.shape)
+        if self.sparse:
+            return dtype.is_integer and shape in ((n,), (n, 1))
+        return (dtype.is_integer or dtype.is_floating) and shape == (n, self.n_classes)
 
     def applies_to(self, features: Any) -> bool:
         """The closed form needs one rank-2 feature tensor (a `Dense` on sequences sums over

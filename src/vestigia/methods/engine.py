@@ -35,6 +35,7 @@ from vestigia.data.dataset import (
     select_samples,
     to_batched_dataset,
 )
+from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
 from vestigia.progress import known_length, track
@@ -96,7 +97,7 @@ class SelfInfluenceCalculator(ABC):
         return values
 
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
-        return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
+        return iterate_batches(untuned(as_batched_dataset(dataset, name)), self.process_batch_for_loss_fn, name)
 
     def _block_rows(self, extra_width: int = 0) -> int | None:
         """Examples per block when this method merges the user's batches (closed-form heads, see
@@ -134,7 +135,7 @@ class SelfInfluenceCalculator(ABC):
             for batch in self._blocks(train_set, "train_set"):
                 values.append(np.asarray(self._checked_values(batch), np.float32))
                 sizes += [part.size for part in parts_of(batch)]
-        return tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
+        return untuned(tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes))))
 
     def _compute_influence_values(self, train_set: Any) -> tf.Tensor:
         """Self-influence as a `(n_train, 1)` tensor (the seed's private helper)."""
@@ -153,7 +154,7 @@ class SelfInfluenceCalculator(ABC):
             stream.add(self._checked_values(batch)[None, :])
         _check_k(k, stream.seen, "training examples")
         values, indices = stream.result()
-        samples = select_samples(train_set, indices[0], self.process_batch_for_loss_fn)
+        samples = select_samples(untuned(train_set), indices[0], self.process_batch_for_loss_fn)
         return TopK(samples, values[0], indices[0])
 
 
@@ -323,7 +324,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
             vectors, sizes = self._influence_vectors(train_set)
-        result = tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes)))
+        result = untuned(tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes))))
         if save_influence_vector_ds_path is not None:
             result.save(save_influence_vector_ds_path)
         return result
@@ -373,14 +374,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 values, train_sizes = np.concatenate(blocks, axis=1), [b.shape[1] for b in blocks]
         offsets = np.concatenate([[0], np.cumsum(test_sizes)])
         outer = None
-        for i, (test_batch, start, stop) in enumerate(zip(test_set, offsets[:-1], offsets[1:])):
-            inner = tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes)))
+        for i, (test_batch, start, stop) in enumerate(zip(untuned(test_set), offsets[:-1], offsets[1:])):
+            inner = untuned(tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes))))
             if save_influence_value_path is not None:
                 inner.save(f"{save_influence_value_path}/batch_{i:06d}")
             element = tf.data.Dataset.from_tensors((test_batch, inner))
             outer = element if outer is None else outer.concatenate(element)
         assert outer is not None
-        return outer
+        return untuned(outer)
 
     def top_k(
         self,
@@ -414,12 +415,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if save_influence_vector_ds_path is not None:
             self.compute_influence_vector(train_set, save_influence_vector_ds_path)
         values, indices, test_sizes = self._top_k_with_sizes(test_set, train_set, k, order, device)
-        samples = select_samples(train_set, indices, self.process_batch_for_loss_fn)
-        result = tf.data.Dataset.zip(
-            (
-                test_set,
-                to_batched_dataset(tf.cast(values, d_type), test_sizes),
-                to_batched_dataset(samples, test_sizes),
+        samples = select_samples(untuned(train_set), indices, self.process_batch_for_loss_fn)
+        result = untuned(
+            tf.data.Dataset.zip(
+                (
+                    test_set,
+                    to_batched_dataset(tf.cast(values, d_type), test_sizes),
+                    to_batched_dataset(samples, test_sizes),
+                )
             )
         )
         if save_top_k_ds_path is not None:

@@ -22,10 +22,6 @@ _LOW_PRECISION = ("float16", "bfloat16")
 _DATA_PARTS = ("inputs", "labels", "sample weights")
 
 
-NO_NON_FINITE = "gives non-finite values (NaN or Inf) although its data are finite."
-"""The end of `diagnose_batch`'s message when no part of the batch holds a NaN or Inf."""
-
-
 def _all_layers(layer: Any) -> list[Any]:
     nested = getattr(layer, "layers", None) or []
     return [sub for child in nested for sub in [child, *_all_layers(child)]]
@@ -152,4 +148,4 @@ def diagnose_batch(parts: dict[str, Any], inputs: Any, name: str, index: int, of
             "the model, or the loss is undefined there (e.g. log(0) on probabilities): rescale the "
             "inputs (e.g. standardise them) or use a loss on logits."
         )
-    return f"{where} {NO_NON_FINITE}"
+    return f"{where} gives non-finite values (NaN or Inf) although its data are finite."

@@ -22,10 +22,10 @@ from vestigia.data.dataset import (
     default_process_batch,
     iterate_batches,
 )
+from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
 from vestigia.model.checks import (
-    NO_NON_FINITE,
     check_label_range,
     check_model_weights,
     check_precision,
@@ -40,9 +40,8 @@ UNKNOWN_DIM = 256
 
 
 class FeatureBatch(NamedTuple):
-    """A batch after the trunk: head inputs, targets, weights `(batch,)`, its size, its index and
-    first example's position in the dataset (for error messages), and, for a block of merged
-    batches, the raw batches it holds (`vestigia.data.blocks`)."""
+    """A batch after the trunk: head inputs, targets, weights `(batch,)`, its size, and its index
+    and first example's position in the dataset (for error messages)."""
 
     features: Any
     targets: Any
@@ -50,7 +49,6 @@ class FeatureBatch(NamedTuple):
     size: int
     batch_index: int = 0
     offset: int = 0
-    parts: tuple[Batch, ...] = ()
 
 
 def default_loss() -> keras.losses.Loss:
@@ -201,6 +199,14 @@ class BaseInfluenceModel:
         return tf.constant(losses), tf.constant(values), finite
 
     def _check_loss_output(self, batch: FeatureBatch | Batch, name: str) -> None:
+        """Check once that the loss gives one value per example and that sparse labels fit the
+        model (by calling it on the model's outputs, or, for a closed-form head, from the shapes)."""
+        closed = self.differentiator.closed_form
+        if closed is not None and closed.accepts_targets(batch.targets, batch.size):
+            self._n_classes = closed.n_classes if closed.sparse else None
+            self._check_labels(batch, name)
+            self._loss_checked = True
+            return
         outputs = self.differentiator.head(batch.features) if isinstance(batch, FeatureBatch) else self(batch.inputs)
         n_outputs = len(getattr(self.model, "outputs", None) or [outputs])
         self._n_classes = sparse_class_count(batch.targets, outputs)
@@ -226,11 +232,20 @@ class BaseInfluenceModel:
         self._loss_checked = True
 
     def feature_batches(self, dataset: tf.data.Dataset, name: str = "dataset") -> Iterator[FeatureBatch]:
-        """Yield the dataset's batches with the trunk applied, in dataset order (merged into blocks
-        of `block_rows()` examples where the head has a closed form)."""
-        batches = iterate_batches(dataset, self.process_batch_for_loss_fn, name)
-        for batch in coalesce(batches, self.block_rows()):
-            yield self.features_of(batch, name)
+        """Yield the dataset's batches with the trunk applied, in dataset order (where the head has
+        a closed form, the trunk runs once per block of `block_rows()` examples)."""
+        batches = iterate_batches(untuned(dataset), self.process_batch_for_loss_fn, name)
+        for block in coalesce(batches, self.block_rows()):
+            features = self.features_of(block, name)
+            if not block.parts:
+                yield features
+                continue
+            start = 0
+            for part in block.parts:
+                rows = _rows(features.features, start, start + part.size)
+                weights = _rows(features.weights, start, start + part.size)
+                yield FeatureBatch(rows, part.targets, weights, part.size, part.batch_index, part.offset)
+                start += part.size
 
     def check_inputs(self, inputs: Any, name: str = "dataset") -> None:
         """Raise `InvalidDataError` if a batch's inputs do not fit the model's inputs.
@@ -272,9 +287,7 @@ class BaseInfluenceModel:
         features, finite = self._checked_trunk(batch.inputs)
         dtype = self.weights[0].dtype
         weights = tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
-        feature_batch = FeatureBatch(
-            features, batch.targets, weights, batch.size, batch.batch_index, batch.offset, batch.parts
-        )
+        feature_batch = FeatureBatch(features, batch.targets, weights, batch.size, batch.batch_index, batch.offset)
         if not bool(finite):
             for part in batch.parts:  # name the user's batch: each raises if it is the culprit
                 self.features_of(part, name)
@@ -288,7 +301,7 @@ class BaseInfluenceModel:
         """Sparse labels within `[0, n_classes)` (known after the first batch's loss check), per
         raw batch of a block."""
         if self._n_classes is not None:
-            for part in batch.parts or (batch,):
+            for part in parts_of(batch) if isinstance(batch, Batch) else (batch,):
                 check_label_range(part.targets, self._n_classes, name, part.batch_index, part.offset)
 
     def batch_losses_and_gradients(self, batch: FeatureBatch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor]:
@@ -364,19 +377,10 @@ class BaseInfluenceModel:
         return diagnose_batch(parts, batch.inputs, name, batch.batch_index, batch.offset, batch.size)
 
     def diagnose_non_finite(self, batch: FeatureBatch, name: str, losses: tf.Tensor, values: Any = None) -> str:
-        """Say where a batch's NaN or Inf comes from: its labels, weights, features, losses or
-        gradients (in a block, at the first raw batch that holds one)."""
+        """Say where a batch's NaN or Inf comes from: its labels, weights, features, losses or gradients."""
         parts = {"labels": batch.targets, "sample weights": batch.weights}
         parts["trunk features" if self._trunk_model is not None else "inputs"] = batch.features
         parts.update({"losses": losses, "gradients": values})
-        start = 0
-        for part in batch.parts:
-            rows = {k: _rows(v, start, start + part.size) for k, v in parts.items()}
-            features = _rows(batch.features, start, start + part.size)
-            found = diagnose_batch(rows, features, name, part.batch_index, part.offset, part.size)
-            if not found.endswith(NO_NON_FINITE):
-                return found
-            start += part.size
         return diagnose_batch(parts, batch.features, name, batch.batch_index, batch.offset, batch.size)
 
     # -- the seed's API ------------------------------------------------------------------------
