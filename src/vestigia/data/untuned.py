@@ -31,7 +31,7 @@ _PLAIN_STEPS = {
 _ATTRIBUTE = "_vestigia_untuned"
 
 
-def _plain(dataset: Any, depth: int = 0) -> bool:
+def is_plain(dataset: Any, depth: int = 0) -> bool:
     """True if every step of the pipeline is one of `_PLAIN_STEPS` (Python-side graph, no data read)."""
     if type(dataset).__name__ not in _PLAIN_STEPS or depth > 64:
         return False
@@ -39,7 +39,7 @@ def _plain(dataset: Any, depth: int = 0) -> bool:
         inputs = dataset._inputs()
     except Exception:  # noqa: BLE001 - a private API: without it, leave the dataset as it is
         return False
-    return all(_plain(i, depth + 1) for i in inputs)
+    return all(is_plain(i, depth + 1) for i in inputs)
 
 
 def untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -50,7 +50,7 @@ def untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
     if cached is not None:
         return cached
     result = dataset
-    if _plain(dataset) and dataset.options().autotune.enabled is None:
+    if is_plain(dataset) and dataset.options().autotune.enabled is None:
         options = tf.data.Options()
         options.autotune.enabled = False
         result = dataset.with_options(options)

@@ -35,6 +35,7 @@ from vestigia.data.dataset import (
     select_samples,
     to_batched_dataset,
 )
+from vestigia.data.memo import memo_blocks
 from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
@@ -106,8 +107,14 @@ class SelfInfluenceCalculator(ABC):
         return None
 
     def _blocks(self, dataset: Any, name: str, extra_width: int = 0) -> Iterator[Batch]:
-        """`_batches`, merged into blocks of `_block_rows(extra_width)` examples where it is not None."""
-        return coalesce(self._batches(dataset, name), self._block_rows(extra_width))
+        """`_batches`, merged into blocks of `_block_rows(extra_width)` examples where it is not None
+        (then kept on a plain in-memory dataset, see `vestigia.data.memo`)."""
+        rows = self._block_rows(extra_width)
+        if rows is None:
+            return self._batches(dataset, name)
+        dataset = as_batched_dataset(dataset, name)
+        key = (self.process_batch_for_loss_fn, rows, name)
+        return memo_blocks(dataset, key, lambda: coalesce(self._batches(dataset, name), rows))
 
     def self_influence(self, train_set: Any, device: str | None = None, store: StorePath | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order.

@@ -22,6 +22,7 @@ from vestigia.data.dataset import (
     default_process_batch,
     iterate_batches,
 )
+from vestigia.data.memo import memo_blocks
 from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
@@ -234,8 +235,12 @@ class BaseInfluenceModel:
     def feature_batches(self, dataset: tf.data.Dataset, name: str = "dataset") -> Iterator[FeatureBatch]:
         """Yield the dataset's batches with the trunk applied, in dataset order (where the head has
         a closed form, the trunk runs once per block of `block_rows()` examples)."""
-        batches = iterate_batches(untuned(dataset), self.process_batch_for_loss_fn, name)
-        for block in coalesce(batches, self.block_rows()):
+        rows = self.block_rows()
+        blocks = coalesce(iterate_batches(untuned(dataset), self.process_batch_for_loss_fn, name), rows)
+        if rows is not None:
+            read = lambda: coalesce(iterate_batches(untuned(dataset), self.process_batch_for_loss_fn, name), rows)  # noqa: E731
+            blocks = memo_blocks(dataset, (self.process_batch_for_loss_fn, rows, name), read)
+        for block in blocks:
             features = self.features_of(block, name)
             if not block.parts:
                 yield features
