@@ -56,3 +56,18 @@ def memo_blocks(dataset: tf.data.Dataset, key: Any, read: Callable[[], Iterator[
             object.__setattr__(dataset, _ATTRIBUTE, memo)
         except AttributeError:
             pass
+
+
+def memo_inputs(dataset: tf.data.Dataset, process_fn: Any) -> Any:
+    """The model inputs of all of `dataset`'s examples, as one nest of arrays, if its blocks were
+    kept (under a key starting with `process_fn`) and concatenate; else None."""
+    memo = getattr(dataset, _ATTRIBUTE, None) or {}
+    for key, blocks in memo.items():
+        if isinstance(key, tuple) and key and key[0] is process_fn:
+            try:
+                return tf.nest.map_structure(
+                    lambda *leaves: np.concatenate([np.asarray(leaf) for leaf in leaves]), *[b.inputs for b in blocks]
+                )
+            except (ValueError, TypeError):
+                return None
+    return None

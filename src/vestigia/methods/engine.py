@@ -35,7 +35,7 @@ from vestigia.data.dataset import (
     select_samples,
     to_batched_dataset,
 )
-from vestigia.data.memo import memo_blocks
+from vestigia.data.memo import memo_blocks, memo_inputs
 from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
@@ -100,6 +100,14 @@ class SelfInfluenceCalculator(ABC):
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
         return iterate_batches(untuned(as_batched_dataset(dataset, name)), self.process_batch_for_loss_fn, name)
 
+    def _samples(self, train_set: tf.data.Dataset, indices: np.ndarray) -> Any:
+        """The model inputs of the training examples at `indices` (any shape), from the blocks kept
+        on a plain dataset (`vestigia.data.memo`), else in one pass over it."""
+        inputs = memo_inputs(train_set, self.process_batch_for_loss_fn)
+        if inputs is None:
+            return select_samples(untuned(train_set), indices, self.process_batch_for_loss_fn)
+        return tf.nest.map_structure(lambda a: a[np.asarray(indices, np.int64)], inputs)
+
     def _block_rows(self, extra_width: int = 0) -> int | None:
         """Examples per block when this method merges the user's batches (closed-form heads, see
         `vestigia.data.blocks`), else None. `extra_width`: further float32 values per example
@@ -161,7 +169,7 @@ class SelfInfluenceCalculator(ABC):
             stream.add(self._checked_values(batch)[None, :])
         _check_k(k, stream.seen, "training examples")
         values, indices = stream.result()
-        samples = select_samples(untuned(train_set), indices[0], self.process_batch_for_loss_fn)
+        samples = self._samples(train_set, indices[0])
         return TopK(samples, values[0], indices[0])
 
 
@@ -422,7 +430,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if save_influence_vector_ds_path is not None:
             self.compute_influence_vector(train_set, save_influence_vector_ds_path)
         values, indices, test_sizes = self._top_k_with_sizes(test_set, train_set, k, order, device)
-        samples = select_samples(untuned(train_set), indices, self.process_batch_for_loss_fn)
+        samples = self._samples(train_set, indices)
         result = untuned(
             tf.data.Dataset.zip(
                 (
