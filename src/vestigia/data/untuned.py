@@ -29,6 +29,8 @@ _PLAIN_STEPS = {
     "_RangeDataset",
 }
 _ATTRIBUTE = "_vestigia_untuned"
+_OFF = tf.data.Options()
+_OFF.autotune.enabled = False
 
 
 def is_plain(dataset: Any, depth: int = 0) -> bool:
@@ -51,11 +53,17 @@ def untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
         return cached
     result = dataset
     if is_plain(dataset) and dataset.options().autotune.enabled is None:
-        options = tf.data.Options()
-        options.autotune.enabled = False
-        result = dataset.with_options(options)
+        result = dataset.with_options(_OFF)
     try:
         object.__setattr__(dataset, _ATTRIBUTE, result)
     except AttributeError:
         pass
     return result
+
+
+def untuned_view(view: tf.data.Dataset, *sources: tf.data.Dataset) -> tf.data.Dataset:
+    """A dataset view of results built from the user's datasets `sources` (and arrays), untuned
+    when it is plain and every source is read untuned, without asking TensorFlow for options."""
+    if is_plain(view) and all(untuned(source) is not source for source in sources):
+        return view.with_options(_OFF)
+    return view

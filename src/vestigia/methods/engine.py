@@ -35,8 +35,8 @@ from vestigia.data.dataset import (
     select_samples,
     to_batched_dataset,
 )
-from vestigia.data.memo import memo_blocks, memo_inputs
-from vestigia.data.untuned import untuned
+from vestigia.data.memo import memo_batches, memo_inputs
+from vestigia.data.untuned import untuned, untuned_view
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
 from vestigia.progress import known_length, track
@@ -121,8 +121,8 @@ class SelfInfluenceCalculator(ABC):
         if rows is None:
             return self._batches(dataset, name)
         dataset = as_batched_dataset(dataset, name)
-        key = (self.process_batch_for_loss_fn, rows, name)
-        return memo_blocks(dataset, key, lambda: coalesce(self._batches(dataset, name), rows))
+        batches = memo_batches(dataset, self.process_batch_for_loss_fn, name, lambda: self._batches(dataset, name))
+        return coalesce(batches, rows)
 
     def self_influence(self, train_set: Any, device: str | None = None, store: StorePath | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order.
@@ -150,7 +150,8 @@ class SelfInfluenceCalculator(ABC):
             for batch in self._blocks(train_set, "train_set"):
                 values.append(np.asarray(self._checked_values(batch), np.float32))
                 sizes += [part.size for part in parts_of(batch)]
-        return untuned(tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes))))
+        view = tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
+        return untuned_view(view, train_set)
 
     def _compute_influence_values(self, train_set: Any) -> tf.Tensor:
         """Self-influence as a `(n_train, 1)` tensor (the seed's private helper)."""
@@ -339,7 +340,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
             vectors, sizes = self._influence_vectors(train_set)
-        result = untuned(tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes))))
+        result = untuned_view(tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes))), train_set)
         if save_influence_vector_ds_path is not None:
             result.save(save_influence_vector_ds_path)
         return result
@@ -390,13 +391,15 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         offsets = np.concatenate([[0], np.cumsum(test_sizes)])
         outer = None
         for i, (test_batch, start, stop) in enumerate(zip(untuned(test_set), offsets[:-1], offsets[1:])):
-            inner = untuned(tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes))))
+            inner = untuned_view(
+                tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes))), train_set
+            )
             if save_influence_value_path is not None:
                 inner.save(f"{save_influence_value_path}/batch_{i:06d}")
             element = tf.data.Dataset.from_tensors((test_batch, inner))
             outer = element if outer is None else outer.concatenate(element)
         assert outer is not None
-        return untuned(outer)
+        return untuned_view(outer, test_set)
 
     def top_k(
         self,
@@ -431,15 +434,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             self.compute_influence_vector(train_set, save_influence_vector_ds_path)
         values, indices, test_sizes = self._top_k_with_sizes(test_set, train_set, k, order, device)
         samples = self._samples(train_set, indices)
-        result = untuned(
-            tf.data.Dataset.zip(
-                (
-                    test_set,
-                    to_batched_dataset(tf.cast(values, d_type), test_sizes),
-                    to_batched_dataset(samples, test_sizes),
-                )
+        view = tf.data.Dataset.zip(
+            (
+                test_set,
+                to_batched_dataset(tf.cast(values, d_type), test_sizes),
+                to_batched_dataset(samples, test_sizes),
             )
         )
+        result = untuned_view(view, test_set)
         if save_top_k_ds_path is not None:
             result.save(save_top_k_ds_path)
         return result

@@ -22,7 +22,7 @@ from vestigia.data.dataset import (
     default_process_batch,
     iterate_batches,
 )
-from vestigia.data.memo import memo_blocks
+from vestigia.data.memo import memo_batches
 from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
@@ -236,10 +236,11 @@ class BaseInfluenceModel:
         """Yield the dataset's batches with the trunk applied, in dataset order (where the head has
         a closed form, the trunk runs once per block of `block_rows()` examples)."""
         rows = self.block_rows()
-        blocks = coalesce(iterate_batches(untuned(dataset), self.process_batch_for_loss_fn, name), rows)
+        fn = self.process_batch_for_loss_fn
+        batches = iterate_batches(untuned(dataset), fn, name)
         if rows is not None:
-            read = lambda: coalesce(iterate_batches(untuned(dataset), self.process_batch_for_loss_fn, name), rows)  # noqa: E731
-            blocks = memo_blocks(dataset, (self.process_batch_for_loss_fn, rows, name), read)
+            batches = memo_batches(dataset, fn, name, lambda: iterate_batches(untuned(dataset), fn, name))
+        blocks = coalesce(batches, rows)
         for block in blocks:
             features = self.features_of(block, name)
             if not block.parts:
