@@ -39,7 +39,7 @@ from vestigia.data.memo import memo_batches, memo_inputs
 from vestigia.data.untuned import untuned, untuned_view
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
-from vestigia.progress import known_length, track
+from vestigia.progress import bar, known_length, track
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
 from vestigia.store.calculator import open_calculator_store, stored_rows
@@ -50,6 +50,14 @@ StorePath = str | os.PathLike[str]
 def _n_batches(data: Any) -> int | None:
     """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
     return known_length(data) if isinstance(data, tf.data.Dataset) else None
+
+
+def _track_blocks(blocks: Iterator[Batch], title: str, data: Any) -> Iterator[Batch]:
+    """`track` counting the user's batches of each block (see `vestigia.data.blocks`)."""
+    with bar(_n_batches(data), title) as progress:
+        for block in blocks:
+            yield block
+            progress.advance(len(parts_of(block)))
 
 
 def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -132,7 +140,7 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             if store is not None:
                 return self._stored_self_influence(train_set, store)
-            batches = track(self._blocks(train_set, "train_set"), "self-influence (batches)", _n_batches(train_set))
+            batches = _track_blocks(self._blocks(train_set, "train_set"), "self-influence (batches)", train_set)
             values = [np.asarray(self._checked_values(b), np.float32) for b in batches]
         return np.concatenate(values)
 
@@ -230,7 +238,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         compute = lambda b: [self._score_train_side(b, c) for c in range(self.n_components)]  # noqa: E731
         if store is None:
             blocks = self._blocks(train_set, "train_set", n_test)
-            blocks = track(blocks, "scoring (training batches)", _n_batches(train_set))
+            blocks = _track_blocks(blocks, "scoring (training batches)", train_set)
             return (([p.size for p in parts_of(b)] if b.parts else None, compute(b)) for b in blocks)
         batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
         names = [f"train_side_{c}" for c in range(self.n_components)]
