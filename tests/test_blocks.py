@@ -43,6 +43,10 @@ def test_plain_pipelines_only_are_untuned_and_memoised() -> None:
     assert is_plain(plain) and not is_plain(mapped)
     assert untuned(plain).options().autotune.enabled is False and untuned(plain) is untuned(plain)
     assert untuned(mapped) is mapped
+    options = tf.data.Options()
+    options.autotune.enabled = True
+    chosen = batched(x, y, 4).with_options(options)  # the user's own setting is kept
+    assert is_plain(chosen) and untuned(chosen) is chosen
     reads = []
 
     def read(dataset: tf.data.Dataset):  # type: ignore[no-untyped-def]

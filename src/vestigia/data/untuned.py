@@ -44,6 +44,12 @@ def is_plain(dataset: Any, depth: int = 0) -> bool:
     return all(is_plain(i, depth + 1) for i in inputs)
 
 
+def _options(dataset: tf.data.Dataset) -> tf.data.Options:
+    """The dataset's options as Python keeps them (no op run), else as TensorFlow reports them."""
+    options = getattr(dataset, "_options_attr", None)
+    return options if isinstance(options, tf.data.Options) else dataset.options()
+
+
 def untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
     """`dataset` with autotuning off if its pipeline is plain and the user left autotune unset,
     else `dataset` itself. Made once per dataset object (kept on it), so that checks made once
@@ -52,7 +58,7 @@ def untuned(dataset: tf.data.Dataset) -> tf.data.Dataset:
     if cached is not None:
         return cached
     result = dataset
-    if is_plain(dataset) and dataset.options().autotune.enabled is None:
+    if is_plain(dataset) and _options(dataset).autotune.enabled is None:
         result = dataset.with_options(_OFF)
     try:
         object.__setattr__(dataset, _ATTRIBUTE, result)
