@@ -22,11 +22,14 @@ from vestigia.gradients.autodiff import HESSIAN_ROWS_PER_CHUNK
 HESS_RTOL = 1e-5
 
 
-def test_one_trace_for_every_batch_size() -> None:
-    """Batches of 16, 7 and a partial last batch, train and test sets: each traced function of
-    each model is traced once."""
+def _smoothed_loss() -> keras.losses.Loss:
+    """Softmax cross-entropy with label smoothing: no closed form, autodiff (traced)."""
+    return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1, reduction=None)
+
+
+def _run_every_batch_size(im: InfluenceModel) -> None:
+    """Batches of 16, 7 and a partial last batch, train and test sets, first-order and TracIn."""
     x, y = make_classification(n=37, seed=1)
-    im = InfluenceModel(make_mlp(seed=1), start_layer=-1, loss_function=logits_loss())
     calculator = FirstOrderInfluenceCalculator(im, batched(x, y, 16), ihvp_calculator="exact")
     for batch_size in (16, 7, 5):
         calculator.self_influence(batched(x, y, batch_size))
@@ -35,11 +38,28 @@ def test_one_trace_for_every_batch_size() -> None:
     for batch_size in (16, 7):
         tracin.self_influence(batched(x, y, batch_size))
         tracin.influence_matrix(batched(x[:9], y[:9], 4), batched(x, y, batch_size))
+
+
+def test_one_trace_for_every_batch_size() -> None:
+    """Without a closed form (label smoothing), each traced function of a model is traced once."""
+    im = InfluenceModel(make_mlp(seed=1), start_layer=-1, loss_function=_smoothed_loss())
+    assert im.differentiator.closed_form is None
+    _run_every_batch_size(im)
     assert im._checked_trunk.tracing_count() == 1  # the trunk with its finiteness flag (Hessian batches)
     assert im._trunk_and_gradients.tracing_count() == 1
     assert im._trunk_and_factors.tracing_count() == 1
-    # Softmax cross-entropy on a Dense head: its curvature is in closed form, nothing is traced.
-    assert im.differentiator._dense_hessian.tracing_count() == 0
+
+
+def test_closed_form_head_traces_nothing() -> None:
+    """Softmax cross-entropy on a Dense head: gradients, factors and curvature in closed form, the
+    trunk eager: no function is traced at all (no cold-start tax)."""
+    im = InfluenceModel(make_mlp(seed=1), start_layer=-1, loss_function=logits_loss())
+    assert im.differentiator.closed_form is not None
+    _run_every_batch_size(im)
+    differentiator = im.differentiator
+    traced = [im._trunk, differentiator._traced_gradients, differentiator._traced_losses, differentiator._traced_hvp]
+    assert [fn.tracing_count() for fn in traced] == [0, 0, 0, 0]
+    assert differentiator._dense_hessian.tracing_count() == 0 and differentiator._dense_factors.tracing_count() == 0
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
@@ -101,9 +121,9 @@ def test_code_needing_a_static_batch_size_still_runs() -> None:
             keras.layers.Dense(3),
         ]
     )
-    im = InfluenceModel(model, start_layer=-1, loss_function=logits_loss())
+    im = InfluenceModel(model, start_layer=-1, loss_function=_smoothed_loss())  # traced, not closed form
     values = TracIn([im], [1.0]).self_influence(batched(x, y, 12))
     traced = im._trunk_and_factors
     assert [fn is traced._fallback for fn in traced._traced.values()] == [True]
-    expected = loop_gradients(model, im.weights, logits_loss(), x, y)
+    expected = loop_gradients(model, im.weights, _smoothed_loss(), x, y)
     assert_close(values, np.sum(expected**2, axis=1), HESS_RTOL)

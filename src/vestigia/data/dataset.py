@@ -26,7 +26,8 @@ DEFAULT_BATCH_SIZE = 128
 class Batch(NamedTuple):
     """One batch: model inputs (tensor, tuple or dict), targets, per-example weights or None, its size,
     and, for error messages, the name of the argument it came from, its index among the dataset's
-    batches and the dataset position of its first example."""
+    batches and the dataset position of its first example. `parts`: for consecutive batches merged
+    into one block (`vestigia.data.blocks`), the batches it holds, in order; else empty."""
 
     inputs: Any
     targets: Any
@@ -35,6 +36,7 @@ class Batch(NamedTuple):
     source: str = "dataset"
     batch_index: int = 0
     offset: int = 0
+    parts: tuple[Batch, ...] = ()
 
 
 def default_process_batch(batch: Any) -> tuple[Any, Any, Any]:

@@ -17,7 +17,9 @@ flattened to `n_params` entries:
   with `parallel_iterations` returns zeros for this nested gradient in TF 2.21: not used.)
 
 Each function is traced once per instance (`reduce_retracing`), so the last, smaller batch
-does not trigger a retrace per call.
+does not trigger a retrace per call. Where the head is a `Dense` layer under softmax
+cross-entropy, `vestigia.gradients.softmax_head` computes all of the above in closed form,
+eagerly, and nothing is traced.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from vestigia.gradients.head import DenseTap, Head
+from vestigia.gradients.softmax_head import SoftmaxDenseHead
 
 LossFn = Callable[[Any, Any], tf.Tensor]
 
@@ -108,12 +110,12 @@ class HeadDifferentiator:
             if layer.use_bias:
                 factored_ids.add(id(layer.bias.value))
         self._generic = [v for v in variables if id(v) not in factored_ids]
-        self.losses = trace(self._losses)
-        self.gradients = trace(self._gradients)
-        self.hvp = trace(self._hvp)
+        self._traced_losses = trace(self._losses)
+        self._traced_gradients = trace(self._gradients)
+        self._traced_hvp = trace(self._hvp)
         self._kronecker_layer = self._single_dense_layer()
-        self._closed_form = self._kronecker_layer is not None and _softmax_cross_entropy_head(
-            loss_fn, self._kronecker_layer, head
+        self.closed_form: SoftmaxDenseHead | None = SoftmaxDenseHead.detect(
+            head.layers, head.tapped, variables, loss_fn
         )
         self._dense_hessian = trace(self._kronecker_hessian)
         self._dense_factors = trace(self._curvature_factors)
@@ -122,6 +124,34 @@ class HeadDifferentiator:
             (int(layer.kernel.shape[0]) + int(layer.use_bias and id(layer.bias.value) in watched_ids), int(layer.units))
             for layer in self._factored.values()
         ]
+
+    def _closed(self, features: Any) -> SoftmaxDenseHead | None:
+        """The closed form, where it applies to these features (see `vestigia.gradients.softmax_head`)."""
+        closed = self.closed_form
+        return closed if closed is not None and closed.applies_to(features) else None
+
+    def losses(self, features: Any, targets: Any, weights: tf.Tensor) -> tf.Tensor:
+        """Weighted per-example losses `(batch,)`."""
+        closed = self._closed(features)
+        if closed is not None:
+            return tf.constant(closed.losses(features, targets, weights))
+        return self._traced_losses(features, targets, weights)
+
+    def gradients(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """`(losses (batch,), per-example gradients (batch, n_params))`."""
+        closed = self._closed(features)
+        if closed is not None:
+            losses, grads = closed.gradients(features, targets, weights)
+            return tf.constant(losses), tf.constant(grads)
+        return self._traced_gradients(features, targets, weights)
+
+    def hvp(self, features: Any, targets: Any, weights: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+        """`(sum_i d^2 l_i / d theta^2) V^T` as `(m, n_params)`, for `V` `(m, n_params)`."""
+        closed = self._closed(features)
+        if closed is not None:
+            products = closed.hvp(features, targets, weights, vectors)
+            return tf.constant(products, tf.as_dtype(vectors.dtype))
+        return self._traced_hvp(features, targets, weights, vectors)
 
     def _weighted_losses(self, features: Any, targets: Any, weights: tf.Tensor, taps: list | None) -> tf.Tensor:
         outputs = self.head(features, taps)
@@ -218,6 +248,9 @@ class HeadDifferentiator:
         (`z` is affine in the watched weights, so this is the whole Hessian). Otherwise: HVPs
         with blocks of `HESSIAN_ROWS_PER_CHUNK` rows of the identity.
         """
+        closed = self._closed(features)
+        if closed is not None:
+            return tf.constant(closed.hessian(features, targets, weights))
         if self._kronecker_layer is not None:
             hessian = self._dense_hessian(features, targets, weights)
             if hessian is not None:
@@ -245,26 +278,11 @@ class HeadDifferentiator:
         """
         if self._kronecker_layer is None:
             return None
-        if self._closed_form and tf.nest.is_nested(features) is False and features.shape.rank == 2:
-            return self._softmax_factors(features, targets, weights)
+        closed = self._closed(features)
+        if closed is not None:
+            a, curvature = closed.curvature(features, targets, weights)
+            return tf.constant(a), tf.constant(curvature)
         return self._dense_factors(features, targets, weights)
-
-    def _softmax_factors(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """`dense_curvature` in closed form for softmax cross-entropy on the layer's logits, eager,
-        float64 (nothing to trace): `M_i = w_i s_i (diag(p_i) - p_i p_i^T)`, `p_i = softmax(z_i)`,
-        `s_i = sum_c y_ic` (1 for one-hot labels)."""
-        layer = self._kronecker_layer
-        a = tf.cast(features, tf.float64)
-        z = tf.matmul(a, tf.cast(layer.kernel.value, tf.float64))
-        if layer.use_bias:
-            z += tf.cast(layer.bias.value, tf.float64)
-        p = tf.nn.softmax(z)
-        scale = tf.cast(weights, tf.float64) * tf.reduce_sum(tf.cast(targets, tf.float64), axis=1)
-        curvature = tf.linalg.diag(p) - p[:, :, None] * p[:, None, :]
-        curvature *= scale[:, None, None]
-        if len(self.variables) == 2:
-            a = tf.concat([a, tf.ones_like(a[:, :1])], axis=1)
-        return a, curvature
 
     def _curvature_factors(self, features: Any, targets: Any, weights: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor] | None:
         layer = self._kronecker_layer
@@ -293,14 +311,3 @@ class HeadDifferentiator:
         blocks = tf.matmul(outer_a, tf.reshape(curvature, [-1, n_out * n_out]), transpose_a=True)
         blocks = tf.transpose(tf.reshape(blocks, [n_in, n_in, n_out, n_out]), [0, 2, 1, 3])
         return tf.reshape(blocks, [n_in * n_out, n_in * n_out])
-
-
-def _softmax_cross_entropy_head(loss_fn: Any, layer: Any, head: Head) -> bool:
-    """True when the head is exactly `layer`, linear, under Keras' categorical cross-entropy on
-    logits with no label smoothing: its curvature then has the closed form of `_softmax_factors`."""
-    if type(loss_fn) is not keras.losses.CategoricalCrossentropy or head.layers != [layer]:
-        return False
-    config = loss_fn.get_config()
-    if not config.get("from_logits") or config.get("label_smoothing", 0.0) or config.get("axis", -1) not in (-1, 1):
-        return False
-    return keras.activations.serialize(layer.activation) == "linear"

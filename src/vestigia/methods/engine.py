@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.data.blocks import coalesce, parts_of
 from vestigia.data.dataset import (
     Batch,
     ProcessBatchFn,
@@ -34,9 +35,11 @@ from vestigia.data.dataset import (
     select_samples,
     to_batched_dataset,
 )
+from vestigia.data.memo import memo_batches, memo_inputs
+from vestigia.data.untuned import untuned, untuned_view
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
-from vestigia.progress import known_length, track
+from vestigia.progress import bar, known_length, track
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
 from vestigia.store.calculator import open_calculator_store, stored_rows
@@ -47,6 +50,14 @@ StorePath = str | os.PathLike[str]
 def _n_batches(data: Any) -> int | None:
     """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
     return known_length(data) if isinstance(data, tf.data.Dataset) else None
+
+
+def _track_blocks(blocks: Iterator[Batch], title: str, data: Any) -> Iterator[Batch]:
+    """`track` counting the user's batches of each block (see `vestigia.data.blocks`)."""
+    with bar(_n_batches(data), title) as progress:
+        for block in blocks:
+            yield block
+            progress.advance(len(parts_of(block)))
 
 
 def _device(device: str | None) -> contextlib.AbstractContextManager[Any]:
@@ -85,11 +96,41 @@ class SelfInfluenceCalculator(ABC):
         """Self-influence of each example of a raw batch, shape `(batch,)`."""
 
     def _checked_values(self, batch: Batch) -> np.ndarray:
-        """`_self_influence(batch)`, raising `NonFiniteError` if a value is NaN or Inf."""
-        return check_finite_values(np.asarray(self._self_influence(batch)), batch, "self-influence")
+        """`_self_influence(batch)`, raising `NonFiniteError` if a value is NaN or Inf (naming the
+        user's batch that holds it, in a block)."""
+        values = np.asarray(self._self_influence(batch))
+        start = 0
+        for part in parts_of(batch):
+            check_finite_values(values[start : start + part.size], part, "self-influence")
+            start += part.size
+        return values
 
     def _batches(self, dataset: Any, name: str) -> Iterator[Batch]:
-        return iterate_batches(as_batched_dataset(dataset, name), self.process_batch_for_loss_fn, name)
+        return iterate_batches(untuned(as_batched_dataset(dataset, name)), self.process_batch_for_loss_fn, name)
+
+    def _samples(self, train_set: tf.data.Dataset, indices: np.ndarray) -> Any:
+        """The model inputs of the training examples at `indices` (any shape), from the blocks kept
+        on a plain dataset (`vestigia.data.memo`), else in one pass over it."""
+        inputs = memo_inputs(train_set, self.process_batch_for_loss_fn)
+        if inputs is None:
+            return select_samples(untuned(train_set), indices, self.process_batch_for_loss_fn)
+        return tf.nest.map_structure(lambda a: a[np.asarray(indices, np.int64)], inputs)
+
+    def _block_rows(self, extra_width: int = 0) -> int | None:
+        """Examples per block when this method merges the user's batches (closed-form heads, see
+        `vestigia.data.blocks`), else None. `extra_width`: further float32 values per example
+        (e.g. one score per test example)."""
+        return None
+
+    def _blocks(self, dataset: Any, name: str, extra_width: int = 0) -> Iterator[Batch]:
+        """`_batches`, merged into blocks of `_block_rows(extra_width)` examples where it is not None
+        (then kept on a plain in-memory dataset, see `vestigia.data.memo`)."""
+        rows = self._block_rows(extra_width)
+        if rows is None:
+            return self._batches(dataset, name)
+        dataset = as_batched_dataset(dataset, name)
+        batches = memo_batches(dataset, self.process_batch_for_loss_fn, name, lambda: self._batches(dataset, name))
+        return coalesce(batches, rows)
 
     def self_influence(self, train_set: Any, device: str | None = None, store: StorePath | None = None) -> np.ndarray:
         """Self-influence of every example of `train_set`, shape `(n_train,)`, in dataset order.
@@ -99,7 +140,7 @@ class SelfInfluenceCalculator(ABC):
         with _device(device):
             if store is not None:
                 return self._stored_self_influence(train_set, store)
-            batches = track(self._batches(train_set, "train_set"), "self-influence (batches)", _n_batches(train_set))
+            batches = _track_blocks(self._blocks(train_set, "train_set"), "self-influence (batches)", train_set)
             values = [np.asarray(self._checked_values(b), np.float32) for b in batches]
         return np.concatenate(values)
 
@@ -114,10 +155,11 @@ class SelfInfluenceCalculator(ABC):
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
             values, sizes = [], []
-            for batch in self._batches(train_set, "train_set"):
+            for batch in self._blocks(train_set, "train_set"):
                 values.append(np.asarray(self._checked_values(batch), np.float32))
-                sizes.append(batch.size)
-        return tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
+                sizes += [part.size for part in parts_of(batch)]
+        view = tf.data.Dataset.zip((train_set, to_batched_dataset(np.concatenate(values)[:, None], sizes)))
+        return untuned_view(view, train_set)
 
     def _compute_influence_values(self, train_set: Any) -> tf.Tensor:
         """Self-influence as a `(n_train, 1)` tensor (the seed's private helper)."""
@@ -132,11 +174,11 @@ class SelfInfluenceCalculator(ABC):
         check_positive_int("k", k)
         train_set = as_batched_dataset(train_set, "train_set")
         stream = StreamingTopK(1, k, order)
-        for batch in self._batches(train_set, "train_set"):
+        for batch in self._blocks(train_set, "train_set"):
             stream.add(self._checked_values(batch)[None, :])
         _check_k(k, stream.seen, "training examples")
         values, indices = stream.result()
-        samples = select_samples(train_set, indices[0], self.process_batch_for_loss_fn)
+        samples = self._samples(train_set, indices[0])
         return TopK(samples, values[0], indices[0])
 
 
@@ -175,10 +217,10 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     def _test_sides(self, dataset: Any) -> tuple[list[tf.Tensor], list[int]]:
         sides: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
         sizes = []
-        for batch in self._batches(dataset, "dataset_to_evaluate"):
+        for batch in self._blocks(dataset, "dataset_to_evaluate"):
             for c in range(self.n_components):
                 sides[c].append(self._score_test_side(batch, c))
-            sizes.append(batch.size)
+            sizes += [part.size for part in parts_of(batch)]
         return [tf.concat(s, axis=0) for s in sides], sizes
 
     def score_blocks(
@@ -188,25 +230,37 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         test_sides, _ = self._test_sides(dataset_to_evaluate)
         yield from self._blocks_against(test_sides, train_set, store)
 
-    def _train_sides(self, train_set: Any, store: StorePath | None) -> Iterator[list[Any]]:
-        """Training-side vectors of each batch, one per component; cached per batch in `store`."""
-        batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
+    def _train_sides(
+        self, train_set: Any, store: StorePath | None, n_test: int = 0
+    ) -> Iterator[tuple[list[int] | None, list[Any]]]:
+        """Training-side vectors of each batch (or block, then with the sizes of the user's
+        batches it holds; else None), one per component; cached per batch in `store`."""
         compute = lambda b: [self._score_train_side(b, c) for c in range(self.n_components)]  # noqa: E731
         if store is None:
-            return map(compute, batches)
+            blocks = self._blocks(train_set, "train_set", n_test)
+            blocks = _track_blocks(blocks, "scoring (training batches)", train_set)
+            return (([p.size for p in parts_of(b)] if b.parts else None, compute(b)) for b in blocks)
+        batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
         names = [f"train_side_{c}" for c in range(self.n_components)]
-        return stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
+        return (
+            (None, row) for row in stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
+        )
 
     @checked_blocks
     def _blocks_against(
         self, test_sides: list[tf.Tensor], train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
-        for train_side in self._train_sides(train_set, store):
+        n_test = int(test_sides[0].shape[0]) if test_sides else 0
+        for sizes, train_side in self._train_sides(train_set, store, n_test):
             block = None
             for c, test_side in enumerate(test_sides):
                 scores = self._pair(test_side, train_side[c], c)
                 block = scores if block is None else block + scores
-            yield np.asarray(block)
+            block = np.asarray(block)
+            if sizes is None:
+                yield block
+            else:  # one block per user's batch
+                yield from np.split(block, np.cumsum(sizes)[:-1], axis=1)
 
     def influence_matrix(
         self, dataset_to_evaluate: Any, train_set: Any, device: str | None = None, store: StorePath | None = None
@@ -279,9 +333,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def _influence_vectors(self, train_set: tf.data.Dataset) -> tuple[tf.Tensor, list[int]]:
         vectors, sizes = [], []
-        for batch in self._batches(train_set, "train_set"):
+        for batch in self._blocks(train_set, "train_set"):
             vectors.append(tf.concat([self._influence_vector(batch, c) for c in range(self.n_components)], axis=1))
-            sizes.append(batch.size)
+            sizes += [part.size for part in parts_of(batch)]
         return tf.concat(vectors, axis=0), sizes
 
     def compute_influence_vector(
@@ -294,7 +348,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         train_set = as_batched_dataset(train_set, "train_set")
         with _device(device):
             vectors, sizes = self._influence_vectors(train_set)
-        result = tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes)))
+        result = untuned_view(tf.data.Dataset.zip((train_set, to_batched_dataset(vectors, sizes))), train_set)
         if save_influence_vector_ds_path is not None:
             result.save(save_influence_vector_ds_path)
         return result
@@ -344,14 +398,16 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
                 values, train_sizes = np.concatenate(blocks, axis=1), [b.shape[1] for b in blocks]
         offsets = np.concatenate([[0], np.cumsum(test_sizes)])
         outer = None
-        for i, (test_batch, start, stop) in enumerate(zip(test_set, offsets[:-1], offsets[1:])):
-            inner = tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes)))
+        for i, (test_batch, start, stop) in enumerate(zip(untuned(test_set), offsets[:-1], offsets[1:])):
+            inner = untuned_view(
+                tf.data.Dataset.zip((train_set, _column_blocks(values[start:stop], train_sizes))), train_set
+            )
             if save_influence_value_path is not None:
                 inner.save(f"{save_influence_value_path}/batch_{i:06d}")
             element = tf.data.Dataset.from_tensors((test_batch, inner))
             outer = element if outer is None else outer.concatenate(element)
         assert outer is not None
-        return outer
+        return untuned_view(outer, test_set)
 
     def top_k(
         self,
@@ -385,14 +441,15 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         if save_influence_vector_ds_path is not None:
             self.compute_influence_vector(train_set, save_influence_vector_ds_path)
         values, indices, test_sizes = self._top_k_with_sizes(test_set, train_set, k, order, device)
-        samples = select_samples(train_set, indices, self.process_batch_for_loss_fn)
-        result = tf.data.Dataset.zip(
+        samples = self._samples(train_set, indices)
+        view = tf.data.Dataset.zip(
             (
                 test_set,
                 to_batched_dataset(tf.cast(values, d_type), test_sizes),
                 to_batched_dataset(samples, test_sizes),
             )
         )
+        result = untuned_view(view, test_set)
         if save_top_k_ds_path is not None:
             result.save(save_top_k_ds_path)
         return result

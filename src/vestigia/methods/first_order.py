@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from vestigia.curvature import registry
 from vestigia.curvature.base import InverseHessianVectorProduct
+from vestigia.data.blocks import rows_within
 from vestigia.data.dataset import Batch, as_batched_dataset, iterate_batches
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.engine import BaseInfluenceCalculator
@@ -112,6 +113,14 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
         # Solvers with a factored pairing (K-FAC / EK-FAC) score without (n, n_params) gradients.
         factored = getattr(self.ihvp_calculator, "factored_scoring", None)
         self._factored = factored() if factored is not None and not self.normalize else None
+
+    def _block_rows(self, extra_width: int = 0) -> int | None:
+        """Blocks where the head has a closed form and the solver pairs plain gradients: the
+        gradients, their solves and the scores of a block within `BLOCK_BYTES`."""
+        rows = self.model.block_rows()
+        if rows is None or self._factored is not None:
+            return None
+        return min(rows, rows_within(4 * (3 * self.model.nb_params + extra_width)))
 
     def _gradients(self, batch: Batch) -> tf.Tensor:
         return example_gradients(self.model, batch)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.data.blocks import rows_within
 from vestigia.data.dataset import Batch
 from vestigia.errors import InvalidModelError, check_non_negative
 from vestigia.gradients.factored import factored_inner_products, factored_squared_norms
@@ -60,6 +61,15 @@ class TracIn(BaseInfluenceCalculator):
         from vestigia.callbacks import tracin_from_checkpoints
 
         return tracin_from_checkpoints(directory, **options)
+
+    def _block_rows(self, extra_width: int = 0) -> int | None:
+        """Blocks where every checkpoint's head has a closed form: each checkpoint's gradients
+        and the scores of a block within `BLOCK_BYTES`."""
+        rows = [m.block_rows() for m in self.models]
+        if any(r is None for r in rows):
+            return None
+        width = max(m.nb_params for m in self.models) + extra_width
+        return min(*[r for r in rows if r is not None], rows_within(4 * 2 * width))
 
     def _influence_vector(self, batch: Batch, component: int = 0) -> tf.Tensor:
         """`sqrt(eta_c) g_c(z)`, `(batch, n_params_c)`."""

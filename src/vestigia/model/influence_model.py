@@ -15,12 +15,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from vestigia.data.blocks import coalesce, parts_of, rows_within
 from vestigia.data.dataset import (
     Batch,
     ProcessBatchFn,
     default_process_batch,
     iterate_batches,
 )
+from vestigia.data.memo import memo_batches
+from vestigia.data.untuned import untuned
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.gradients.autodiff import HeadDifferentiator, LossFn, trace
 from vestigia.model.checks import (
@@ -33,6 +36,8 @@ from vestigia.model.checks import (
 from vestigia.model.split import split_model
 
 _UNREDUCED = (None, "none")
+UNKNOWN_DIM = 256
+"""Entries assumed for an input dimension of unknown size, when sizing blocks."""
 
 
 class FeatureBatch(NamedTuple):
@@ -127,9 +132,14 @@ class BaseInfluenceModel:
         self._trunk_model, head = split_model(model, start, self.watched_layers)
         self.differentiator = HeadDifferentiator(head, [v.value for v in watched], loss_function)
         self._trunk = trace(self._run_trunk)
-        self._checked_trunk = trace(self._run_checked_trunk)
-        self._trunk_and_gradients = trace(functools.partial(self._run_trunk_and, self.differentiator._gradients))
-        self._trunk_and_factors = trace(functools.partial(self._run_trunk_and, self.differentiator.factors))
+        self._checked_trunk: Any = trace(self._run_checked_trunk)
+        self._trunk_and_gradients: Any = trace(functools.partial(self._run_trunk_and, self.differentiator._gradients))
+        self._trunk_and_factors: Any = trace(functools.partial(self._run_trunk_and, self.differentiator.factors))
+        closed = self.differentiator.closed_form
+        if closed is not None:  # nothing to trace: the trunk runs eagerly, on blocks of batches
+            self._checked_trunk = self._eager_checked_trunk
+            self._trunk_and_gradients = functools.partial(self._eager_trunk_and, closed.gradients)
+            self._trunk_and_factors = functools.partial(self._eager_trunk_and, closed.factors)
         self._factorable: bool | None = None
         self._loss_checked = False
         self._n_classes: int | None = None
@@ -138,6 +148,18 @@ class BaseInfluenceModel:
     def nb_params(self) -> int:
         """Number of watched scalar parameters `n_params`."""
         return self.differentiator.n_params
+
+    def block_rows(self) -> int | None:
+        """Examples per block when batches are merged before the trunk and head (closed-form
+        heads, computed eagerly: the fixed cost of a call is paid per block), else None (the
+        user's batches, through traced functions). Bounded by `vestigia.data.blocks.BLOCK_BYTES`
+        of float64 work per example: inputs, features, gradients and output curvature."""
+        closed = self.differentiator.closed_form
+        if closed is None:
+            return None
+        n_in, n_out = closed.layer.kernel.shape
+        width = _row_width(getattr(self.model, "inputs", None) or []) + int(n_in) + self.nb_params + int(n_out) ** 2
+        return rows_within(8 * width)
 
     @property
     def layers(self) -> list[keras.layers.Layer]:
@@ -163,7 +185,29 @@ class BaseInfluenceModel:
         features = self._run_trunk(inputs)
         return features, _all_finite(inputs, features)
 
+    def _eager_checked_trunk(self, inputs: Any) -> tuple[Any, bool]:
+        """`_run_checked_trunk`, eagerly, the features as NumPy."""
+        features = np.asarray(self._run_trunk(inputs))
+        return features, _all_finite_arrays(inputs, features)
+
+    def _eager_trunk_and(self, head_fn: Any, inputs: Any, targets: Any, weights: Any = None) -> Any:
+        """`_run_trunk_and` for a closed-form `head_fn` on NumPy features, eagerly."""
+        features, finite = self._eager_checked_trunk(inputs)
+        if weights is None:
+            weights = np.ones(len(features), np.float32)
+        losses, values = head_fn(features, targets, weights)
+        finite = finite and _all_finite_arrays(losses, values)
+        return tf.constant(losses), tf.constant(values), finite
+
     def _check_loss_output(self, batch: FeatureBatch | Batch, name: str) -> None:
+        """Check once that the loss gives one value per example and that sparse labels fit the
+        model (by calling it on the model's outputs, or, for a closed-form head, from the shapes)."""
+        closed = self.differentiator.closed_form
+        if closed is not None and closed.accepts_targets(batch.targets, batch.size):
+            self._n_classes = closed.n_classes if closed.sparse else None
+            self._check_labels(batch, name)
+            self._loss_checked = True
+            return
         outputs = self.differentiator.head(batch.features) if isinstance(batch, FeatureBatch) else self(batch.inputs)
         n_outputs = len(getattr(self.model, "outputs", None) or [outputs])
         self._n_classes = sparse_class_count(batch.targets, outputs)
@@ -189,9 +233,25 @@ class BaseInfluenceModel:
         self._loss_checked = True
 
     def feature_batches(self, dataset: tf.data.Dataset, name: str = "dataset") -> Iterator[FeatureBatch]:
-        """Yield the dataset's batches with the trunk applied, in dataset order."""
-        for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, name):
-            yield self.features_of(batch, name)
+        """Yield the dataset's batches with the trunk applied, in dataset order (where the head has
+        a closed form, the trunk runs once per block of `block_rows()` examples)."""
+        rows = self.block_rows()
+        fn = self.process_batch_for_loss_fn
+        batches = iterate_batches(untuned(dataset), fn, name)
+        if rows is not None:
+            batches = memo_batches(dataset, fn, name, lambda: iterate_batches(untuned(dataset), fn, name))
+        blocks = coalesce(batches, rows)
+        for block in blocks:
+            features = self.features_of(block, name)
+            if not block.parts:
+                yield features
+                continue
+            start = 0
+            for part in block.parts:
+                rows = _rows(features.features, start, start + part.size)
+                weights = _rows(features.weights, start, start + part.size)
+                yield FeatureBatch(rows, part.targets, weights, part.size, part.batch_index, part.offset)
+                start += part.size
 
     def check_inputs(self, inputs: Any, name: str = "dataset") -> None:
         """Raise `InvalidDataError` if a batch's inputs do not fit the model's inputs.
@@ -235,6 +295,8 @@ class BaseInfluenceModel:
         weights = tf.ones([batch.size], dtype) if batch.weights is None else tf.cast(batch.weights, dtype)
         feature_batch = FeatureBatch(features, batch.targets, weights, batch.size, batch.batch_index, batch.offset)
         if not bool(finite):
+            for part in batch.parts:  # name the user's batch: each raises if it is the culprit
+                self.features_of(part, name)
             raise NonFiniteError(self._diagnose(batch, name, features))
         if not self._loss_checked:
             self._check_loss_output(feature_batch, name)
@@ -242,9 +304,11 @@ class BaseInfluenceModel:
         return feature_batch
 
     def _check_labels(self, batch: Batch | FeatureBatch, name: str) -> None:
-        """Sparse labels within `[0, n_classes)` (known after the first batch's loss check)."""
+        """Sparse labels within `[0, n_classes)` (known after the first batch's loss check), per
+        raw batch of a block."""
         if self._n_classes is not None:
-            check_label_range(batch.targets, self._n_classes, name, batch.batch_index, batch.offset)
+            for part in parts_of(batch) if isinstance(batch, Batch) else (batch,):
+                check_label_range(part.targets, self._n_classes, name, part.batch_index, part.offset)
 
     def batch_losses_and_gradients(self, batch: FeatureBatch, name: str = "dataset") -> tuple[tf.Tensor, tf.Tensor]:
         """Weighted losses `(batch,)` and per-example gradients `(batch, n_params)` of one batch.
@@ -286,7 +350,7 @@ class BaseInfluenceModel:
         name = name or batch.source
         self.check_inputs(batch.inputs, name)
         if not self._loss_checked:
-            self._check_loss_output(batch, name)
+            self._check_loss_output(parts_of(batch)[0], name)
         self._check_labels(batch, name)
         args = (batch.inputs, batch.targets) if batch.weights is None else (batch.inputs, batch.targets, batch.weights)
         result = fn(*args)
@@ -294,7 +358,9 @@ class BaseInfluenceModel:
             return None
         losses, values, finite = result
         if not bool(finite):
-            raise NonFiniteError(self._diagnose(batch, name, self._trunk(batch.inputs), losses, values))
+            for part in batch.parts:  # name the user's batch: each raises if it is the culprit
+                self._checked_call(fn, part, name)
+            raise NonFiniteError(self._diagnose(batch, name, self._run_trunk(batch.inputs), losses, values))
         return losses, values
 
     def _run_trunk_and(self, head_fn: Any, inputs: Any, targets: Any, weights: Any = None) -> Any:
@@ -349,6 +415,22 @@ class BaseInfluenceModel:
     def _gradient_rows(self, dataset: tf.data.Dataset) -> Iterator[tf.Tensor]:
         for batch in iterate_batches(dataset, self.process_batch_for_loss_fn, "dataset"):
             yield self.example_gradients(batch)[1]
+
+
+def _rows(nest: Any, start: int, stop: int) -> Any:
+    """Rows `start:stop` of every leaf of a nest (None kept)."""
+    return tf.nest.map_structure(lambda t: None if t is None else np.asarray(t)[start:stop], nest)
+
+
+def _row_width(tensors: list[Any]) -> int:
+    """Entries per example of symbolic tensors; unknown dimensions count as `UNKNOWN_DIM`."""
+    return sum(int(np.prod([UNKNOWN_DIM if d is None else d for d in t.shape[1:]])) for t in tensors)
+
+
+def _all_finite_arrays(*nests: Any) -> bool:
+    """`_all_finite` in NumPy, eagerly."""
+    leaves = [np.asarray(t) for t in tf.nest.flatten(nests) if t is not None]
+    return all(np.isfinite(a).all() for a in leaves if a.dtype.kind == "f")
 
 
 def _all_finite(*nests: Any) -> tf.Tensor:
