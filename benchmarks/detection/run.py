@@ -91,7 +91,7 @@ def _fit(setting: Setting, split: Split, labels: np.ndarray, seed: int) -> tuple
     return model, checkpoints
 
 
-def _train(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context, float]:
+def train_context(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context, float]:
     """Seeded training of the setting's model on `labels`; the `Context` methods are built from."""
     start = time.perf_counter()
     model, checkpoints = _fit(setting, split, labels, setting.seed)
@@ -233,7 +233,7 @@ def run_setting(
     x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
     if do_lds:
         truth, facts["LDS ground truth"] = ground_truth(setting, split, cache_dir, log)
-    context, seconds = _train(setting, split, split.y_train_noisy)
+    context, seconds = train_context(setting, split, split.y_train_noisy)
     model = context.model
     facts["noisy model"] = (
         f"trained in {seconds:.1f} s; accuracy on its (noisy) training labels"
@@ -276,7 +276,7 @@ def run_setting(
     _ensemble_fact(facts, context, "noisy")
     context.shared.clear()
     if do_lds and runnable:
-        clean, seconds = _train(setting, split, split.y_train)
+        clean, seconds = train_context(setting, split, split.y_train)
         facts["clean model (LDS)"] = (
             f"trained in {seconds:.1f} s; test accuracy {accuracy(clean.model, split.x_test, split.y_test):.3f}"
         )
