@@ -173,7 +173,9 @@ def _whole_model_notes(s: Setting) -> list[str]:
         " parameters, else by LoGra's factored projection (k_in = k_out = 40 per layer); kernel damping 1e-3 x its"
         f" mean eigenvalue (the class default). TRAK-{s.ensemble_size} averages {s.ensemble_size} models trained"
         f" independently on the same labels (the setting's model and seeds {s.seed + 1001}, {s.seed + 1002}, ...)."
-        " LoGra: factored projection with k_in = k_out = 32 per layer, the class's damping.",
+        " LoGra: factored projection with k_in = k_out = 32 per layer, the class's damping; LoGra K-FAC: the same"
+        " projection, K-FAC's inverse of the projected factors (true Fisher, seed"
+        f" {s.seed}), damping 0.1 x each layer's mean eigenvalue (the class default).",
         "Grad-Dot / Grad-Cos: full per-example loss gradients. DataInf: the paper's damping (0.1 x mean squared"
         " gradient per parameter of the block), one block per layer, or one Rademacher-projected block of 2,048"
         " where a layer has more than 4,096 parameters.",
