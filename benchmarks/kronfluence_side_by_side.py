@@ -22,20 +22,23 @@ eigenvalue of every layer (Kronfluence's `damping_factor`; Vestigia's `damping`)
 `+ g_test^T (F + damping)^-1 g_train` with the test side the gradient of the test example's loss
 (Kronfluence's `compute_measurement` returns the summed cross-entropy). Differences, none of them
 a choice of this script: the true Fisher's labels are sampled by each library's own generator
-(TF's stateless sampler with seed 0, `torch.multinomial` after `torch.manual_seed(0)`), so the two
-factor sets differ by the sampling noise of one label per example; with `--fisher empirical` both
-use the given labels and differ by float rounding only (Kronfluence precondions and scores in
-float32, Vestigia in float64). The score correlation printed per method is the direct check that
+(TF's stateless sampler with seed 0, `torch.multinomial` with a generator seeded 0), so the two
+factor sets differ by the sampling noise of one label per example; with the empirical Fisher both
+use the given labels and differ by float rounding only (Kronfluence preconditions and scores in
+float32, Vestigia in float64). The run does both (`--fisher true,empirical`, the default). The
+score correlation and largest relative difference printed per method are the direct check that
 both compute the same quantity.
 
 LDS: the detection benchmark's protocol and its cached ground truth (50 models retrained on 50%
 subsets, correct-class margin of the first 100 test images; `--cache-dir` as run.py's; computed
 and cached first if missing), `vestigia.evaluation.linear_datamodeling_score` with its 95%
-bootstrap CI over test images. Threads: `--threads` (default 2) for TF's and torch's intra-op
-pools. Run the timing through the shared lock:
+bootstrap CI over test images, and Vestigia's LDS minus Kronfluence's with a paired bootstrap
+interval over test images. Threads: `--threads` (default 2) for TF's and torch's intra-op pools.
+Run the timing through the shared lock (about 2 minutes with a cached ground truth):
 
-    flock /work/coord/bench.lock python benchmarks/kronfluence_side_by_side.py
-    python benchmarks/kronfluence_side_by_side.py --quick          # smoke test (tiny setting)
+    flock /work/coord/bench.lock python benchmarks/kronfluence_side_by_side.py \
+        --out benchmarks/results/kronfluence_side_by_side.md
+    python benchmarks/kronfluence_side_by_side.py --quick --fisher empirical   # smoke test (tiny setting)
 
 Needs the benchmark-only extra `pip install -e .[bench-torch]` (torch 2.13.0 CPU, kronfluence 1.0.1).
 """
@@ -190,89 +193,125 @@ def agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     return overall, float(np.mean(rows)), float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+def paired_difference(a: Any, b: Any, seed: int) -> str:
+    """`LDS(a) - LDS(b)` of two `LDSResult`s on the same test images and ground truth, with the
+    95% bootstrap interval of the per-test-image differences (paired)."""
+    from vestigia.evaluation.lds import bootstrap_mean_interval
+
+    diff = np.asarray(a.per_test, np.float64) - np.asarray(b.per_test, np.float64)
+    diff = diff[np.isfinite(diff)]
+    low, high = bootstrap_mean_interval(diff, 0.95, 2000, seed)
+    return f"{diff.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def compare(
+    work: dict[str, Any], fisher: str, methods: list[str], folder: str, log: Callable[[str], None]
+) -> list[str]:
+    """Both libraries on every method with one Fisher: the Markdown lines of the two tables."""
+    from detection_methods import kronecker
+
+    from vestigia.evaluation import linear_datamodeling_score
+
+    setting, truth = work["setting"], work["truth"]
+    rows, comparisons = [], []
+    for method in methods:
+        name = METHODS[method]
+        values, *v_times = vestigia_scores(work["context"], work["test"], kronecker(method, fisher))
+        log(f"  {fisher} Fisher, Vestigia {name}: factors {v_times[0]:.1f} s, scores {v_times[1]:.1f} s")
+        reference, *k_times = kronfluence_scores(work["context"].model, work["split"], setting, method, fisher, folder)
+        log(f"  {fisher} Fisher, Kronfluence {name}: factors {k_times[0]:.1f} s, scores {k_times[1]:.1f} s")
+        lds = {}
+        for library, scores, (factors_s, scores_s) in (
+            ("Vestigia", values, v_times),
+            ("Kronfluence", reference, k_times),
+        ):
+            lds[library] = result = linear_datamodeling_score(scores, truth.masks, truth.outputs, seed=setting.seed)
+            rows.append(
+                f"| {library} {name} | {result.mean:.3f} [{result.ci_low:.3f}, {result.ci_high:.3f}] | {factors_s:.2f}"
+                f" | {scores_s:.2f} | {factors_s + scores_s:.2f} |"
+            )
+        ratios = [k / v for k, v in zip([*k_times, sum(k_times)], [*v_times, sum(v_times)])]
+        overall, per_row, gap = agreement(values, reference)
+        cells = [f"{r:.2f}" for r in ratios] + [paired_difference(lds["Vestigia"], lds["Kronfluence"], setting.seed)]
+        cells += [f"{overall:.6f}", f"{per_row:.6f}", f"{gap:.1e}"]
+        comparisons.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [
+        f"### {fisher} Fisher",
+        "",
+        "| method | LDS [95% CI] | factors (s) | scores (s) | total (s) |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "| method | Kronfluence / Vestigia time: factors | scores | total | LDS Vestigia - Kronfluence [paired 95% CI]"
+        " | score correlation (all entries) | (mean per test image) | max abs difference / max abs score |",
+        "|---|---|---|---|---|---|---|---|",
+        *comparisons,
+        "",
+    ]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="ekfac,kfac", help="comma-separated subset of ekfac,kfac")
-    parser.add_argument("--fisher", default="true", choices=("true", "empirical"), help="Fisher of both libraries")
+    parser.add_argument(
+        "--fisher", default="true,empirical", help="comma-separated Fishers (true, empirical), each for both libraries"
+    )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of TF and torch")
     parser.add_argument("--quick", action="store_true", help="the detection benchmark's tiny setting (smoke test)")
     parser.add_argument("--cache-dir", default=None, help="LDS ground-truth cache (default: run.py's)")
-    parser.add_argument("--out", default=None, help="also write the table (Markdown) to this file")
+    parser.add_argument("--out", default=None, help="also write the tables (Markdown) to this file")
     return parser.parse_args(argv)
+
+
+def _names(text: str, allowed: Sequence[str], flag: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in allowed for n in names):
+        raise SystemExit(f"{flag}: choose from {list(allowed)}; received {text!r}")
+    return names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not wanted or any(m not in METHODS for m in wanted):
-        raise SystemExit(f"--methods: choose from {list(METHODS)}; received {args.methods!r}")
+    methods = _names(args.methods, list(METHODS), "--methods")
+    fishers = _names(args.fisher, ("true", "empirical"), "--fisher")
     import tensorflow as tf
     import torch
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     torch.set_num_threads(args.threads)
     runner = _detection_runner()
-    from detection_methods import kronecker
     from detection_setups import SETTINGS, load_split, one_hot, quick
-
-    from vestigia.evaluation import linear_datamodeling_score
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
     setting = quick(SETTINGS["mnist_mlp64"]) if args.quick else SETTINGS["mnist_mlp64"]
     cache_root = Path(args.cache_dir) if args.cache_dir else runner.DEFAULT_CACHE
-    cache = cache_root / ("quick" if args.quick else "full")
     split = load_split(setting)
-    truth, truth_fact = runner.ground_truth(setting, split, cache, log)
+    truth, truth_fact = runner.ground_truth(setting, split, cache_root / ("quick" if args.quick else "full"), log)
     context, train_s = runner.train_context(setting, split, split.y_train)
-    model = context.model
     n_test = setting.lds_n_test
     x_test, y_test = split.x_test[:n_test], split.y_test[:n_test]
     test = tf.data.Dataset.from_tensor_slices((x_test, one_hot(y_test, split.n_classes))).batch(n_test)
     with torch.no_grad():
-        torch_logits = torch_mlp(model)(torch.from_numpy(x_test)).numpy()
-    logit_gap = float(np.max(np.abs(torch_logits - np.asarray(model(x_test)))))
-
-    rows, comparisons = [], []
-    with tempfile.TemporaryDirectory(prefix="kronfluence-") as folder:
-        for method in wanted:
-            name = METHODS[method]
-            values, *v_times = vestigia_scores(context, test, kronecker(method, args.fisher))
-            log(f"  Vestigia {name}: factors {v_times[0]:.1f} s, scores {v_times[1]:.1f} s")
-            reference, *k_times = kronfluence_scores(model, split, setting, method, args.fisher, folder)
-            log(f"  Kronfluence {name}: factors {k_times[0]:.1f} s, scores {k_times[1]:.1f} s")
-            for library, scores, (factors_s, scores_s) in (
-                ("Vestigia", values, v_times),
-                ("Kronfluence", reference, k_times),
-            ):
-                lds = linear_datamodeling_score(scores, truth.masks, truth.outputs, seed=setting.seed)
-                rows.append(
-                    f"| {library} {name} | {lds.mean:.3f} [{lds.ci_low:.3f}, {lds.ci_high:.3f}] | {factors_s:.2f}"
-                    f" | {scores_s:.2f} | {factors_s + scores_s:.2f} |"
-                )
-            ratios = [k / v for k, v in zip([*k_times, sum(k_times)], [*v_times, sum(v_times)])]
-            overall, per_row, gap = agreement(values, reference)
-            cells = [f"{r:.2f}" for r in ratios] + [f"{overall:.6f}", f"{per_row:.6f}", f"{gap:.1e}"]
-            comparisons.append(f"| {name} | " + " | ".join(cells) + " |")
+        torch_logits = torch_mlp(context.model)(torch.from_numpy(x_test)).numpy()
+    logit_gap = float(np.max(np.abs(torch_logits - np.asarray(context.model(x_test)))))
+    work = {"setting": setting, "split": split, "truth": truth, "context": context, "test": test}
 
     lines = [
-        f"Kronfluence side by side: {setting.name} ({setting.title}), {args.fisher} Fisher, damping"
-        f" {setting.damping:g} on every layer, {n_test} test x {setting.n_train} train pairwise scores",
-        f"threads {args.threads} (TF intra-op, torch); torch {torch.__version__}, TF {tf.__version__};"
-        f" load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} at the end",
-        f"clean model trained in {train_s:.1f} s; max |logits(Keras) - logits(torch)| = {logit_gap:.2e}",
-        f"LDS ground truth: {truth_fact}",
+        f"## Kronfluence side by side: {setting.name}",
         "",
-        "| method | LDS [95% CI] | factors (s) | scores (s) | total (s) |",
-        "|---|---|---|---|---|",
-        *rows,
+        f"- setting: {setting.title}; damping {setting.damping:g} on every layer; {n_test} test x"
+        f" {setting.n_train} train pairwise scores",
+        f"- threads {args.threads} (TF intra-op, torch); torch {torch.__version__}, TF {tf.__version__}",
+        f"- clean model trained in {train_s:.1f} s; max |logits(Keras) - logits(torch)| = {logit_gap:.2e}",
+        f"- LDS ground truth: {truth_fact}",
         "",
-        "| method | Kronfluence / Vestigia time: factors | scores | total"
-        " | score correlation (Pearson, all entries) | (mean per test image) | max abs difference / max abs score |",
-        "|---|---|---|---|---|---|---|",
-        *comparisons,
     ]
+    with tempfile.TemporaryDirectory(prefix="kronfluence-") as folder:
+        for fisher in fishers:
+            lines += compare(work, fisher, methods, folder, log)
+    lines.append(f"Load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting, curves: dict[str, Any]) -> None:
     """Add the rows of `earlier` (with their detection `curves`) that `result` did not run, in the
-    order of the method registry."""
+    order of the method registry, and the earlier facts that this run did not restate."""
     new = {row.name: row for row in result.rows}
     old = {row.name: row for row in earlier.rows}
     for row in old.values():
@@ -397,6 +397,8 @@ def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting,
     names += [n for n in list(new) + list(old) if n not in names]
     result.rows = [new.get(n) or old[n] for n in names if n in new or n in old]
     result.lds = result.lds or earlier.lds
+    for key, fact in earlier.facts.items():  # facts of the kept rows (e.g. the exact eigenvalues, the ensembles)
+        result.facts.setdefault(key, fact)
     result.facts["run"] += "; rows not in --methods from " + earlier.facts.get("run", "an earlier run")
 
 
