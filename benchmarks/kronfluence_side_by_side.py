@@ -33,8 +33,9 @@ LDS: the detection benchmark's protocol and its cached ground truth (50 models r
 subsets, correct-class margin of the first 100 test images; `--cache-dir` as run.py's; computed
 and cached first if missing), `vestigia.evaluation.linear_datamodeling_score` with its 95%
 bootstrap CI over test images, and Vestigia's LDS minus Kronfluence's with a paired bootstrap
-interval over test images. Threads: `--threads` (default 2) for TF's and torch's intra-op pools.
-Run the timing through the shared lock (about 2 minutes with a cached ground truth):
+interval over test images. Threads: `--threads` (default 2) for TF's and torch's intra-op pools. Seconds: the median of
+`--repeats` (default 3) runs, the two libraries alternated.
+Run the timing through the shared lock (about 4 minutes with a cached ground truth):
 
     flock /work/coord/bench.lock python benchmarks/kronfluence_side_by_side.py \
         --out benchmarks/results/kronfluence_side_by_side.md
@@ -205,9 +206,10 @@ def paired_difference(a: Any, b: Any, seed: int) -> str:
 
 
 def compare(
-    work: dict[str, Any], fisher: str, methods: list[str], folder: str, log: Callable[[str], None]
+    work: dict[str, Any], fisher: str, methods: list[str], repeats: int, folder: str, log: Callable[[str], None]
 ) -> list[str]:
-    """Both libraries on every method with one Fisher: the Markdown lines of the two tables."""
+    """Both libraries on every method with one Fisher, `repeats` times (median seconds; the scores
+    are deterministic): the Markdown lines of the two tables."""
     from detection_methods import kronecker
 
     from vestigia.evaluation import linear_datamodeling_score
@@ -216,10 +218,17 @@ def compare(
     rows, comparisons = [], []
     for method in methods:
         name = METHODS[method]
-        values, *v_times = vestigia_scores(work["context"], work["test"], kronecker(method, fisher))
-        log(f"  {fisher} Fisher, Vestigia {name}: factors {v_times[0]:.1f} s, scores {v_times[1]:.1f} s")
-        reference, *k_times = kronfluence_scores(work["context"].model, work["split"], setting, method, fisher, folder)
-        log(f"  {fisher} Fisher, Kronfluence {name}: factors {k_times[0]:.1f} s, scores {k_times[1]:.1f} s")
+        v_runs, k_runs = [], []
+        for _ in range(repeats):  # alternated, so that a change of load hits both libraries
+            values, *v_times = vestigia_scores(work["context"], work["test"], kronecker(method, fisher))
+            log(f"  {fisher} Fisher, Vestigia {name}: factors {v_times[0]:.1f} s, scores {v_times[1]:.1f} s")
+            reference, *k_times = kronfluence_scores(
+                work["context"].model, work["split"], setting, method, fisher, folder
+            )
+            log(f"  {fisher} Fisher, Kronfluence {name}: factors {k_times[0]:.1f} s, scores {k_times[1]:.1f} s")
+            v_runs.append(v_times)
+            k_runs.append(k_times)
+        v_times, k_times = list(np.median(v_runs, axis=0)), list(np.median(k_runs, axis=0))
         lds = {}
         for library, scores, (factors_s, scores_s) in (
             ("Vestigia", values, v_times),
@@ -257,6 +266,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fisher", default="true,empirical", help="comma-separated Fishers (true, empirical), each for both libraries"
     )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of TF and torch")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per library and method (median seconds)")
     parser.add_argument("--quick", action="store_true", help="the detection benchmark's tiny setting (smoke test)")
     parser.add_argument("--cache-dir", default=None, help="LDS ground-truth cache (default: run.py's)")
     parser.add_argument("--out", default=None, help="also write the tables (Markdown) to this file")
@@ -303,14 +313,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
         f"- setting: {setting.title}; damping {setting.damping:g} on every layer; {n_test} test x"
         f" {setting.n_train} train pairwise scores",
-        f"- threads {args.threads} (TF intra-op, torch); torch {torch.__version__}, TF {tf.__version__}",
+        f"- threads {args.threads} (TF intra-op, torch); torch {torch.__version__}, TF {tf.__version__};"
+        f" seconds: median of {args.repeats} alternated runs (each builds everything anew, tracing included)",
         f"- clean model trained in {train_s:.1f} s; max |logits(Keras) - logits(torch)| = {logit_gap:.2e}",
         f"- LDS ground truth: {truth_fact}",
         "",
     ]
     with tempfile.TemporaryDirectory(prefix="kronfluence-") as folder:
         for fisher in fishers:
-            lines += compare(work, fisher, methods, folder, log)
+            lines += compare(work, fisher, methods, args.repeats, folder, log)
     lines.append(f"Load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}.")
     text = "\n".join(lines)
     print(text)
