@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import batched, logits_loss, make_classification, make_mlp
 from oracles import assert_close, softmax
+from whole_models import images, resnet
 
 from vestigia import BaseInfluenceModel, FirstOrderInfluenceCalculator, LoGra
 from vestigia.projection import FactoredProjection
@@ -80,6 +81,23 @@ def test_projected_kfac_with_identity_projections_is_the_full_kfac_influence(dam
     test = batched(x[:9], y[:9], 9)
     logra = LoGra(watched, train, projection=projection, curvature="kfac", seed=7, damping=damping)
     kfac = FirstOrderInfluenceCalculator(watched, train, "kfac", seed=7, damping=damping)
+    assert_close(logra.influence_matrix(test, train), kfac.influence_matrix(test, train), RTOL)
+    assert_close(logra.self_influence(train), kfac.self_influence(train), RTOL)
+
+
+def test_projected_kfac_with_identity_projections_on_a_cnn_with_batch_norm_is_the_full_kfac_influence() -> None:
+    """Conv layers (projected patches) and BatchNorm's scale and offset (the diagonal block of the
+    weights without a Kronecker form) against `"kfac"` over the same model. An absolute damping:
+    with the default fraction, `"kfac"` damps each such weight by its own mean, LoGra the block."""
+    x, y = images(24)
+    with pytest.warns(UserWarning, match="batch_normalization"):
+        watched = BaseInfluenceModel(resnet(batch_norm=True), loss_function=logits_loss())
+        projection = FactoredProjection(watched, k_in=1000, k_out=1000, seed=4)
+    assert all(p is None for p in projection.inputs + projection.outputs) and projection.others is None
+    train, test = batched(x, y, 8), batched(x[:5], y[:5], 5)
+    logra = LoGra(watched, train, projection=projection, curvature="kfac", seed=2, damping=1e-2)
+    with pytest.warns(UserWarning, match="batch_normalization"):
+        kfac = FirstOrderInfluenceCalculator(watched, train, "kfac", seed=2, damping=1e-2)
     assert_close(logra.influence_matrix(test, train), kfac.influence_matrix(test, train), RTOL)
     assert_close(logra.self_influence(train), kfac.self_influence(train), RTOL)
 

@@ -18,8 +18,9 @@ labels). With `A~ = Q_A diag(alpha) Q_A^T` and `S~ = Q_S diag(sigma) Q_S^T` (flo
 block-diagonal over layers, where `lambda_l = damping` if given, else
 `damping_fraction * mean(alpha sigma^T)` (the layer's mean eigenvalue; default fraction 0.1, as
 `KFACIHVP`). The other watched weights' block (projected together, see `FactoredProjection`)
-gets the diagonal `E_i[phi_i^2] + lambda`. With identity projections (`k >= n` on both sides)
-this is exactly `KFACIHVP`'s inverse.
+gets the diagonal `E_i[phi_i^2] + lambda` (with the default damping, one `lambda` for the block,
+where `KFACIHVP` damps each such weight by its own mean). With identity projections (`k >= n` on
+both sides) this is exactly `KFACIHVP`'s inverse (for the other weights, with an absolute damping).
 """
 
 from __future__ import annotations
