@@ -169,14 +169,15 @@ def _first_order(solver: str, normalize: bool = False, all_layers: bool = False)
     return build
 
 
-def _kronecker(solver: str) -> Callable[[Any, Context], Any]:
+def kronecker(solver: str, fisher: str = "true") -> Callable[[Any, Context], Any]:
     """K-FAC / EK-FAC over every layer, by name (`cls` is only the availability check of the
-    solver class): true Fisher (seeded sampled labels), the setting's damping on every layer."""
+    solver class): true Fisher (seeded sampled labels; or `fisher="empirical"`, the given labels),
+    the setting's damping on every layer. `kronfluence_side_by_side.py` builds its rows with it."""
 
     def build(cls: Any, c: Context) -> Any:
         from vestigia import FirstOrderInfluenceCalculator
 
-        options = {"damping": c.setting.damping, "seed": c.setting.seed}
+        options = {"damping": c.setting.damping, "seed": c.setting.seed, "fisher": fisher}
         return FirstOrderInfluenceCalculator(c.influence_model(True), c.train, solver, **options)
 
     return build
@@ -276,8 +277,8 @@ METHODS: list[Method] = [
     Method("RelatIF exact (all layers)", "FirstOrderInfluenceCalculator", _first_order("exact", True, True)),
     Method("Influence CG (all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
     Method("Influence LiSSA (all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
-    Method("EK-FAC (all layers)", "EKFACIHVP", _kronecker("ekfac")),
-    Method("K-FAC (all layers)", "KFACIHVP", _kronecker("kfac")),
+    Method("EK-FAC (all layers)", "EKFACIHVP", kronecker("ekfac")),
+    Method("K-FAC (all layers)", "KFACIHVP", kronecker("kfac")),
     Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),
     Method("TracIn", "TracIn", _tracin(False)),
@@ -288,6 +289,11 @@ METHODS: list[Method] = [
         "LoGra (all layers)",
         "LoGra",
         lambda cls, c: cls(c.influence_model(True), c.train, k_in=32, k_out=32, seed=c.setting.seed),
+    ),
+    Method(
+        "LoGra K-FAC (all layers)",
+        "LoGra",
+        lambda cls, c: cls(c.influence_model(True), c.train, k_in=32, k_out=32, seed=c.setting.seed, curvature="kfac"),
     ),
     Method("Grad-Dot (all layers)", "GradDot", lambda cls, c: cls(c.influence_model(True))),
     Method("Grad-Cos (all layers)", "GradCos", lambda cls, c: cls(c.influence_model(True))),
@@ -314,6 +320,7 @@ NEW_METHODS = (
     "TRAK-1 (all layers)",
     "TRAK-10 (all layers)",
     "LoGra (all layers)",
+    "LoGra K-FAC (all layers)",
     "Grad-Dot (all layers)",
     "Grad-Cos (all layers)",
     "DataInf (all layers)",

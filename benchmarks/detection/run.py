@@ -91,7 +91,7 @@ def _fit(setting: Setting, split: Split, labels: np.ndarray, seed: int) -> tuple
     return model, checkpoints
 
 
-def _train(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context, float]:
+def train_context(setting: Setting, split: Split, labels: np.ndarray) -> tuple[Context, float]:
     """Seeded training of the setting's model on `labels`; the `Context` methods are built from."""
     start = time.perf_counter()
     model, checkpoints = _fit(setting, split, labels, setting.seed)
@@ -173,7 +173,9 @@ def _whole_model_notes(s: Setting) -> list[str]:
         " parameters, else by LoGra's factored projection (k_in = k_out = 40 per layer); kernel damping 1e-3 x its"
         f" mean eigenvalue (the class default). TRAK-{s.ensemble_size} averages {s.ensemble_size} models trained"
         f" independently on the same labels (the setting's model and seeds {s.seed + 1001}, {s.seed + 1002}, ...)."
-        " LoGra: factored projection with k_in = k_out = 32 per layer, the class's damping.",
+        " LoGra: factored projection with k_in = k_out = 32 per layer, the class's damping; LoGra K-FAC: the same"
+        " projection, K-FAC's inverse of the projected factors (true Fisher, seed"
+        f" {s.seed}), damping 0.1 x each layer's mean eigenvalue (the class default).",
         "Grad-Dot / Grad-Cos: full per-example loss gradients. DataInf: the paper's damping (0.1 x mean squared"
         " gradient per parameter of the block), one block per layer, or one Rademacher-projected block of 2,048"
         " where a layer has more than 4,096 parameters.",
@@ -233,7 +235,7 @@ def run_setting(
     x_lds, y_lds = split.x_test[: setting.lds_n_test], split.y_test[: setting.lds_n_test]
     if do_lds:
         truth, facts["LDS ground truth"] = ground_truth(setting, split, cache_dir, log)
-    context, seconds = _train(setting, split, split.y_train_noisy)
+    context, seconds = train_context(setting, split, split.y_train_noisy)
     model = context.model
     facts["noisy model"] = (
         f"trained in {seconds:.1f} s; accuracy on its (noisy) training labels"
@@ -276,7 +278,7 @@ def run_setting(
     _ensemble_fact(facts, context, "noisy")
     context.shared.clear()
     if do_lds and runnable:
-        clean, seconds = _train(setting, split, split.y_train)
+        clean, seconds = train_context(setting, split, split.y_train)
         facts["clean model (LDS)"] = (
             f"trained in {seconds:.1f} s; test accuracy {accuracy(clean.model, split.x_test, split.y_test):.3f}"
         )
@@ -386,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting, curves: dict[str, Any]) -> None:
     """Add the rows of `earlier` (with their detection `curves`) that `result` did not run, in the
-    order of the method registry."""
+    order of the method registry, and the earlier facts that this run did not restate."""
     new = {row.name: row for row in result.rows}
     old = {row.name: row for row in earlier.rows}
     for row in old.values():
@@ -395,6 +397,8 @@ def _merge_rows(result: SettingResult, earlier: SettingResult, setting: Setting,
     names += [n for n in list(new) + list(old) if n not in names]
     result.rows = [new.get(n) or old[n] for n in names if n in new or n in old]
     result.lds = result.lds or earlier.lds
+    for key, fact in earlier.facts.items():  # facts of the kept rows (e.g. the exact eigenvalues, the ensembles)
+        result.facts.setdefault(key, fact)
     result.facts["run"] += "; rows not in --methods from " + earlier.facts.get("run", "an earlier run")
 
 

@@ -20,6 +20,7 @@ Sequential or subclassed model); `P_in` / `P_out` of layer `l` are drawn from th
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import keras
@@ -127,13 +128,14 @@ class FactoredProjection:
         self._runs: dict[int, Any] = {}
         self._runs[id(model)] = (model, self._traced(capture))
 
-    def _traced(self, capture: LayerCapture) -> Any:
-        """The capture pass with projected inputs (see `_ProjectedInputSpec`), then `_reduce`."""
+    def _traced(self, capture: LayerCapture, reducer: Any = None, sampled: bool = False) -> Any:
+        """The capture pass with projected inputs (see `_ProjectedInputSpec`), then `reducer`
+        (default `_reduce`)."""
         capture.specs = [
             _ProjectedInputSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(LayerSpec)}, p_in=p_in)
             for spec, p_in in zip(capture.specs, self.inputs)
         ]
-        return capture.traced(self._reduce)
+        return capture.traced(self._reduce if reducer is None else reducer, sampled=sampled)
 
     def _run(self, model: BaseInfluenceModel) -> Any:
         """The traced capture-and-project pass for `model` (one per model and loss)."""
@@ -162,6 +164,35 @@ class FactoredProjection:
             others = tf.cast(tf.concat(captured.others, axis=1), tf.float32)
             parts.append(others if self.others is None else self.others._projected(others))
         return captured.losses, tf.concat(parts, axis=1)
+
+    def traced_capture(self, model: BaseInfluenceModel, reducer: Any, sampled: bool = False) -> Any:
+        """The capture pass of `model` with both sides projected, traced once, for passes other
+        than the features' (LoGra's projected K-FAC factors): `reducer(captured, *extra)` gets per
+        captured layer `inputs[l] = a P_in^T` `(batch, T, k_in)` and `deltas[l] = d P_out^T`
+        `(batch, T, k_out)` (unprojected on a side not wider than its `k`), and in `others` one
+        `(batch, width)` tensor, the other weights' per-example gradients projected to their block.
+        The call signature is `LayerCapture.traced`'s (`sampled=True`: labels drawn from the model).
+
+        Raises:
+            InvalidModelError: `model`'s layers have other shapes than this projection's.
+        """
+        self._run(model)  # refuses another architecture
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the weights without a Kronecker form were named at construction
+            capture = LayerCapture(model.model, model.loss_function, model.weights)
+
+        def projected(captured: Captured, *extra: Any) -> Any:
+            deltas = [
+                d if p_out is None else tf.einsum("bto,ok->btk", tf.cast(d, tf.float32), p_out)
+                for d, p_out in zip(captured.deltas, self.outputs)
+            ]
+            others = []
+            if captured.others:
+                flat = tf.cast(tf.concat(captured.others, axis=1), tf.float32)
+                others = [flat if self.others is None else self.others._projected(flat)]
+            return reducer(captured._replace(deltas=deltas, others=others), *extra)
+
+        return self._traced(capture, projected, sampled)
 
     def project_batch(self, model: BaseInfluenceModel, batch: Batch) -> tuple[tf.Tensor, tf.Tensor]:
         """`(losses (batch,), features (batch, k))` of a raw batch for `model` (its loss).
