@@ -28,7 +28,7 @@ import tensorflow as tf
 from conftest import logits_loss, make_classification, make_mlp
 from oracles import assert_close, features_of, softmax_head_gradients, softmax_head_hessian
 
-from vestigia import ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel
+from vestigia import ExactIHVP, FirstOrderInfluenceCalculator, InfluenceModel, SecondOrderInfluenceCalculator
 from vestigia.errors import InvalidDataError, InvalidModelError, NonFiniteError
 from vestigia.model import BaseInfluenceModel
 
@@ -202,6 +202,22 @@ def _relu_calculator() -> FirstOrderInfluenceCalculator:
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((D,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(C)])
     return FirstOrderInfluenceCalculator(_model(model=model, start_layer=-1), _data(), "exact", damping=DAMPING)
+
+
+def _nan_saved_vectors() -> Any:
+    """Influence vectors saved by `compute_influence_vector`, one entry set to NaN, then read back."""
+    import tempfile
+
+    calculator = _calculator()
+    with tempfile.TemporaryDirectory() as folder:
+        saved = calculator.compute_influence_vector(_ds(x_, y_))
+        broken = saved.enumerate().map(
+            lambda i, pair: (pair[0], tf.where(i == 1, tf.fill(tf.shape(pair[1]), np.nan), pair[1]))
+        )
+        broken.save(folder)
+        return calculator.estimate_influence_values_in_batches(
+            _ds(x_, y_), _ds(x_, y_), load_influence_vector_path=folder
+        )
 
 
 _NOISE = tf.random.Generator.from_seed(1)  # its state advances from one pass to the next
@@ -396,6 +412,23 @@ NEW = {
         lambda: _relu_calculator().influence_matrix(_ds(_with((9, 1), 1e30), y_), _ds(_with((9, 1), 1e30), y_)),
         NonFiniteError,
         r"score of `dataset_to_evaluate` example 9 against `train_set` example 9 \(training batch 1, column 1\) is",
+    ),
+    "finite 1e30 group whose first-order influence overflows": Case(
+        lambda: _relu_calculator().estimate_influence_values_group(_ds(_with((9, 1), 1e30), y_)),
+        NonFiniteError,
+        r"The group influence value holds 1 NaN or Inf value\(s\) of 1.*overflow float32",
+    ),
+    "finite 1e30 group whose second-order influence overflows": Case(
+        lambda: SecondOrderInfluenceCalculator(
+            _relu_calculator().model, _data(), "exact", damping=DAMPING
+        ).estimate_influence_values_group(_ds(_with((9, 1), 1e30)[:12], y_[:12])),
+        NonFiniteError,
+        r"The group influence value holds 1 NaN or Inf value\(s\) of 1",
+    ),
+    "NaN in influence vectors read back from disk": Case(
+        _nan_saved_vectors,
+        NonFiniteError,
+        r"The influence vectors saved at '.*' hold",
     ),
     "dataset reshuffled at every pass": Case(
         lambda: _self_influence(tf.data.Dataset.from_tensor_slices((x_, y_)).shuffle(N, seed=1).batch(8)),

@@ -24,8 +24,8 @@ from vestigia.curvature.iterative import IterativeIHVP
 from vestigia.curvature.solvers import Operator, as_callable
 from vestigia.curvature.spectrum import check_indefinite, inverse_eigenvalues, resolve_rcond
 from vestigia.errors import check_memory, check_positive_int
-from vestigia.progress import track
 from vestigia.model.influence_model import BaseInfluenceModel
+from vestigia.progress import track
 
 
 class ArnoldiResult(NamedTuple):

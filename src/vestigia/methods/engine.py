@@ -38,7 +38,7 @@ from vestigia.data.dataset import (
 from vestigia.data.memo import memo_batches, memo_inputs
 from vestigia.data.untuned import untuned, untuned_view
 from vestigia.errors import InvalidDataError, check_positive_int
-from vestigia.methods.score_checks import check_finite_values, checked_blocks, within_memory
+from vestigia.methods.score_checks import check_finite_result, check_finite_values, checked_blocks, within_memory
 from vestigia.progress import bar, known_length, track
 from vestigia.results.enums import CACHE, ORDER
 from vestigia.results.topk import StreamingTopK, TopK
@@ -355,7 +355,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     def _scores_against_saved_vectors(self, dataset_to_evaluate: Any, path: str) -> np.ndarray:
         saved = tf.data.Dataset.load(path)
-        phi = tf.concat([vectors for _, vectors in saved], axis=0)
+        phi = check_finite_result(
+            tf.concat([vectors for _, vectors in saved], axis=0), f"The influence vectors saved at {path!r}"
+        )
         psi = [
             tf.concat([self._preprocess(b, c) for c in range(self.n_components)], axis=1)
             for b in self._batches(dataset_to_evaluate, "dataset_to_evaluate")

@@ -19,6 +19,7 @@ from vestigia.data.blocks import rows_within
 from vestigia.data.dataset import Batch, as_batched_dataset, iterate_batches
 from vestigia.errors import InvalidDataError, check_positive_int
 from vestigia.methods.engine import BaseInfluenceCalculator
+from vestigia.methods.score_checks import check_finite_result
 from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 
 
@@ -167,7 +168,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
     def compute_influence_vector_group(self, group: Any) -> tf.Tensor:
         """`H^-1 sum_{z in group} g_z` (normalised for RelatIF), shape `(1, n_params)`."""
         summed, _ = self._summed_gradient(group, "group")
-        return self._normalized(self.ihvp_calculator.solve(summed))
+        return check_finite_result(self._normalized(self.ihvp_calculator.solve(summed)), "The group's influence vector")
 
     def estimate_influence_values_group(self, group_train: Any, group_to_evaluate: Any = None) -> tf.Tensor:
         """`(sum_T g_t)^T H^-1 sum_U g_z`, shape `(1, 1)`: the sum of the pairwise values.
@@ -181,4 +182,4 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
             evaluated = train_sum
         else:
             evaluated, _ = self._summed_gradient(group_to_evaluate, "group_to_evaluate")
-        return tf.matmul(evaluated, vector, transpose_b=True)
+        return check_finite_result(tf.matmul(evaluated, vector, transpose_b=True), "The group influence value")

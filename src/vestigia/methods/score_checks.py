@@ -37,6 +37,19 @@ def check_finite_values(values: np.ndarray, batch: Batch, what: str) -> np.ndarr
     return values
 
 
+def check_finite_result(values: Any, what: str) -> Any:
+    """Return `values` (an array or tensor of any shape) or raise `NonFiniteError` naming `what`
+    (a group's influence, vectors read from disk) and how many entries are NaN or Inf."""
+    array = np.asarray(values)
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise NonFiniteError(
+            f"{what} holds {int((~finite).sum())} NaN or Inf value(s) of {array.size} (first at index "
+            f"{tuple(int(i) for i in np.argwhere(~finite)[0])}). {_OVERFLOW_HINT}"
+        )
+    return values
+
+
 def check_finite_block(block: np.ndarray, batch_index: int, offset: int) -> np.ndarray:
     """Return a score block `(n_test, batch)` against the training batch `batch_index`, whose first
     example is `train_set` example `offset`, or raise `NonFiniteError`."""

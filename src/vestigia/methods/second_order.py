@@ -37,6 +37,7 @@ from vestigia.curvature.base import summed_hessian_products
 from vestigia.data.dataset import as_batched_dataset, dataset_size
 from vestigia.errors import InvalidDataError
 from vestigia.methods.first_order import build_ihvp, summed_gradient
+from vestigia.methods.score_checks import check_finite_result
 from vestigia.model.influence_model import BaseInfluenceModel, check_influence_model
 
 
@@ -132,7 +133,8 @@ class SecondOrderInfluenceCalculator:
                 to `FirstOrderInfluenceCalculator.compute_influence_vector_group`.
         """
         terms, _ = self._terms(group, "group")
-        return tf.constant(self._vector(terms, first_order_scale), dtype=tf.float32)
+        vector = tf.constant(self._vector(terms, first_order_scale), dtype=tf.float32)
+        return check_finite_result(vector, "The group's second-order influence vector")
 
     def estimate_influence_values_group(
         self, group_train: Any, group_to_evaluate: Any = None, *, first_order_scale: bool = False
@@ -151,5 +153,5 @@ class SecondOrderInfluenceCalculator:
         vector = self._vector(terms, first_order_scale)
         if group_to_evaluate is not None:
             evaluated, _ = summed_gradient(self.model, group_to_evaluate, "group_to_evaluate")
-        value = np.asarray(evaluated, dtype=np.float64) @ vector.T
-        return tf.constant(value, dtype=tf.float32)
+        value = tf.constant(np.asarray(evaluated, dtype=np.float64) @ vector.T, dtype=tf.float32)
+        return check_finite_result(value, "The group influence value")
