@@ -20,6 +20,7 @@ from vestigia.curvature.woodbury import (
     WoodburyInverse,
     class_block_factors,
     class_block_solve,
+    class_grams,
     split_diagonal_minus_rank_one,
     woodbury_max_rows,
 )
@@ -87,7 +88,7 @@ def test_class_blocks_solve_their_block_diagonal() -> None:
     problem = _problem()
     n_in, n_out = problem["shift"].shape
     weights = problem["curvature"][:, np.arange(n_out), np.arange(n_out)]
-    factors = class_block_factors(problem["inputs"], weights, len(weights), problem["shift"])
+    factors = class_block_factors(class_grams(problem["inputs"], weights), len(weights), problem["shift"])
     assert factors is not None
     mask = np.kron(np.ones((n_in, n_in)), np.eye(n_out))  # the class-diagonal blocks of H
     vectors = np.random.default_rng(3).normal(size=(4, n_in * n_out))

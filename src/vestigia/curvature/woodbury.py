@@ -85,22 +85,32 @@ def woodbury_max_rows(n_in: int, n_out: int) -> int:
     return low
 
 
-def class_block_factors(
-    inputs: np.ndarray, weights: np.ndarray, count: int, shift: np.ndarray
-) -> list[np.ndarray] | None:
-    """Upper Cholesky factors `R_c` of `S_c + A^T diag(weights_c) A / count`, one per class, or None
-    if one is not positive definite.
+def class_grams(inputs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """`A^T diag(weights_c) A` for each class `c`, `(out, in, in)`, float64; with `weights >= 0` (one
+    symmetric rank-k update each) only the upper triangles are filled, which is all that
+    `class_block_factors` reads."""
+    grams = np.empty((weights.shape[1], inputs.shape[1], inputs.shape[1]))
+    for c in range(weights.shape[1]):
+        if np.all(weights[:, c] >= 0.0):
+            grams[c] = blas.dsyrk(1.0, np.asfortranarray(np.sqrt(weights[:, c])[:, None] * inputs), trans=1)
+        else:
+            grams[c] = (weights[:, c, None] * inputs).T @ inputs
+    return grams
+
+
+def class_block_factors(grams: np.ndarray, count: int, shift: np.ndarray) -> list[np.ndarray] | None:
+    """Upper Cholesky factors `R_c` of `S_c + grams_c / count`, one per class (only the upper
+    triangles of `grams` are read), or None if one block is not positive definite.
 
     Args:
-        inputs: `A` `(n, in)`. weights: `(n, out)`, >= 0. count: the mean's denominator.
+        grams: `(out, in, in)`, e.g. from `class_grams`. count: the mean's denominator.
         shift: `S` as `(in, out)`.
     """
     factors = []
-    for c in range(weights.shape[1]):
-        scaled = np.asfortranarray(np.sqrt(weights[:, c] / count)[:, None] * inputs)
-        gram = blas.dsyrk(1.0, scaled, trans=1)  # upper triangle of scaled^T scaled
-        gram[np.diag_indices_from(gram)] += shift[:, c]
-        factor, info = lapack.dpotrf(gram, lower=0, clean=1, overwrite_a=1)
+    for c, gram in enumerate(grams):
+        block = np.asfortranarray(gram / count)
+        block[np.diag_indices_from(block)] += shift[:, c]
+        factor, info = lapack.dpotrf(block, lower=0, clean=1, overwrite_a=1)
         if info != 0:
             return None
         factors.append(factor)
@@ -155,7 +165,7 @@ class WoodburyInverse:
         the `n` rows) and the diagonal shift `S` `(in, out)`; None if either is not positive definite."""
         n, n_in = inputs.shape
         n_out = e.shape[1]
-        blocks = class_block_factors(inputs, e, n, shift)
+        blocks = class_block_factors(class_grams(inputs, e), n, shift)
         if blocks is None:
             return None
         low_rank = np.empty((n, n_in * n_out), order="F")  # B, class-major columns
