@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from vestigia.curvature.base import InverseHessianVectorProduct, summed_hessian_products
 from vestigia.curvature.solvers import conjugate_gradient, lissa, power_iteration, stochastic_lissa
-from vestigia.curvature.woodbury import class_block_factors, class_block_solve, class_grams
+from vestigia.curvature.woodbury import class_block_apply, class_block_factors, class_block_inverses, class_grams
 from vestigia.errors import (
     ConvergenceWarning,
     InvalidDataError,
@@ -86,8 +86,9 @@ class IterativeIHVP(InverseHessianVectorProduct):
 
     def block_jacobi(self) -> Callable[[np.ndarray], np.ndarray]:
         """`v -> blockdiag(H)^-1 v` over the class-diagonal blocks `H_cc = S_c + A^T diag(M[:, c, c]) A / n`
-        `(in, in)` of one watched `Dense` layer (`S` damping plus regularisation), Cholesky-factored
-        once in float64: the exact inverse of `H` without its class-coupling blocks.
+        `(in, in)` of one watched `Dense` layer (`S` damping plus regularisation), inverted once in
+        float64 (Cholesky): the exact inverse of `H` without its class-coupling blocks, applied to
+        all rows by one batched matrix product.
 
         Raises:
             ValueError: not one watched `Dense` layer, or a block is not positive definite.
@@ -110,7 +111,8 @@ class IterativeIHVP(InverseHessianVectorProduct):
                 "preconditioner='block-jacobi': a class block of H + damping I is not positive definite "
                 f"(damping={self.damping:g}). Add damping."
             )
-        return lambda rows: class_block_solve(blocks, rows)
+        inverses = class_block_inverses(blocks)
+        return lambda rows: class_block_apply(inverses, rows)
 
     def _preconditioner(self, preconditioner: Any) -> Callable[[np.ndarray], np.ndarray] | None:
         """The `M^-1` callable (float64 rows to rows) for a `preconditioner` argument."""

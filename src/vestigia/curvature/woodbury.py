@@ -117,15 +117,25 @@ def class_block_factors(grams: np.ndarray, count: int, shift: np.ndarray) -> lis
     return factors
 
 
-def class_block_solve(factors: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """`D^-1 v` for each row `v` `(in * out,)` of `rows`, `D` block diagonal with blocks `R_c^T R_c`."""
-    n_in, n_out = factors[0].shape[0], len(factors)
-    shaped = rows.reshape(len(rows), n_in, n_out)
-    result = np.empty_like(shaped)
-    for c, factor in enumerate(factors):
-        half = blas.dtrsm(1.0, factor, np.asfortranarray(shaped[:, :, c].T), trans_a=1)
-        result[:, :, c] = blas.dtrsm(1.0, factor, half, overwrite_b=1).T
-    return result.reshape(rows.shape)
+def class_block_inverses(factors: list[np.ndarray]) -> np.ndarray:
+    """`D_c^-1 = R_c^-1 R_c^-T` for each block, `(out, in, in)`, symmetric (from the Cholesky factors):
+    applying them is one batched matrix product, several times faster than triangular solves."""
+    inverses = []
+    for factor in factors:
+        inverse, info = lapack.dpotri(factor, lower=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"dpotri failed (info={info})")
+        upper = np.triu(inverse)
+        inverses.append(upper + np.triu(upper, 1).T)
+    return np.stack(inverses)
+
+
+def class_block_apply(inverses: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`D^-1 v` for each row `v` `(in * out,)` of `rows`, `D` block diagonal over the classes with
+    inverse blocks `inverses` `(out, in, in)` (row-major `(in, out)` parameter order)."""
+    n_out, n_in = inverses.shape[:2]
+    by_class = rows.reshape(len(rows), n_in, n_out).transpose(2, 0, 1)  # (out, m, in)
+    return np.matmul(by_class, inverses).transpose(1, 2, 0).reshape(rows.shape)
 
 
 class WoodburyInverse:
