@@ -5,6 +5,10 @@ Both keep the training set's trunk features in memory (computed once), and apply
 to all right-hand sides at once, with the HVPs vectorised over the batch and over the vectors:
 every right-hand side of a call shares each pass over the data.
 
+CG takes a preconditioner (`preconditioner=`): the exact inverse of the class-diagonal blocks of
+one watched `Dense` layer ("block-jacobi"), another solver (K-FAC, EK-FAC) or a callable; PCG
+then applies `H` (and the preconditioner) only to the right-hand sides not yet converged.
+
 Both say how far they got: `last_residuals` holds `||(H + damping I) x - v|| / ||v||` per row of
 the last call, and a `ConvergenceWarning` names the rows left above the tolerance.
 """
