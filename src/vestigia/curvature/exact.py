@@ -1,11 +1,15 @@
-"""`ExactIHVP`: the dense mean Hessian, built from its structure, factored once in float64.
+"""`ExactIHVP`: the mean Hessian, built from its structure, factored once in float64.
 
-Factorisation (all right-hand sides of a call solved together):
+Factorisation (all right-hand sides of a call solved together; `factorization` says which):
 
 * up to `SMALL_MATRIX` parameters: `H = Q diag(lambda) Q^T` (cheap at that size), the spectrum
-  treated as `vestigia.curvature.spectrum` documents, and the inverse kept;
-* above: Cholesky when `H + damping I` is positive definite (a pivot above the singular cut
-  proves no direction is dropped), else the same eigendecomposition.
+  treated as `vestigia.curvature.spectrum` documents, and the inverse kept ("eigh");
+* above, for one watched `Dense` layer under softmax cross-entropy with fewer training examples
+  than `woodbury_max_rows` (about `n < P`): the class blocks and the `(n, n)` capacitance of
+  `vestigia.curvature.woodbury`, Cholesky-factored, without forming `H` ("woodbury");
+* above, otherwise (or when the capacitance is not positive definite with its pivots above the
+  singular cut): Cholesky of the dense `H` when positive definite with every pivot above the
+  singular cut ("cholesky"), else the same eigendecomposition ("eigh").
 """
 
 from __future__ import annotations
@@ -18,8 +22,16 @@ import scipy.linalg
 import tensorflow as tf
 
 from vestigia.curvature.base import ALTERNATIVES, InverseHessianVectorProduct
-from vestigia.curvature.hessian import SMALL_MATRIX, mean_hessian, symmetric_eigh
+from vestigia.curvature.hessian import (
+    SMALL_MATRIX,
+    DenseFactors,
+    factors_hessian_sum,
+    mean_hessian,
+    mean_hessian_or_factors,
+    symmetric_eigh,
+)
 from vestigia.curvature.spectrum import SpectrumReport, check_indefinite, inverse_eigenvalues, resolve_rcond
+from vestigia.curvature.woodbury import WoodburyInverse, split_diagonal_minus_rank_one, woodbury_max_rows
 from vestigia.errors import InvalidDataError, check_finite, check_memory
 from vestigia.model.influence_model import BaseInfluenceModel
 
@@ -55,8 +67,9 @@ class ExactIHVP(InverseHessianVectorProduct):
         regularization: include the watched weights' L2 regularizers in `H` (default True).
 
     Attributes:
-        hessian: `H + damping I`, float64. inv_hessian: its (pseudo-)inverse, float64 (computed on
-        first use above `SMALL_MATRIX`). spectrum: a `SpectrumReport` (`n_negative`, `n_dropped`).
+        hessian: `H + damping I`, float64. inv_hessian: its (pseudo-)inverse, float64 (both computed
+        on first use above `SMALL_MATRIX`). spectrum: a `SpectrumReport` (`n_negative`, `n_dropped`).
+        factorization: "eigh", "cholesky" or "woodbury" (see the module docstring).
     """
 
     def __init__(
@@ -78,6 +91,12 @@ class ExactIHVP(InverseHessianVectorProduct):
             2 * 8 * p * p,
             ALTERNATIVES,
         )
+        self.factorization: str
+        self.spectrum: SpectrumReport
+        self._woodbury: WoodburyInverse | None = None
+        self._cholesky: np.ndarray | None = None
+        self._inv32 = self._h32 = None
+        hessian: np.ndarray | DenseFactors
         if train_hessian is not None:
             hessian = np.array(train_hessian, dtype=np.float64)
             if hessian.shape != (p, p):
@@ -85,22 +104,51 @@ class ExactIHVP(InverseHessianVectorProduct):
             check_finite("train_hessian", hessian)
             hessian = (hessian + hessian.T) / 2.0
         elif self.train_dataset is not None:
-            hessian = mean_hessian(influence_model, self.train_dataset)
+            max_rows = woodbury_max_rows if p > SMALL_MATRIX else None
+            hessian = mean_hessian_or_factors(influence_model, self.train_dataset, max_rows=max_rows)
         else:
             raise InvalidDataError("ExactIHVP needs `train_dataset` or `train_hessian`. Received neither.")
+        if isinstance(hessian, DenseFactors):
+            self._woodbury = self._try_woodbury(hessian)
+            if self._woodbury is None:
+                hessian = factors_hessian_sum(hessian.inputs, hessian.curvature, np.zeros((p, p))) / len(hessian.inputs)
+        if self._woodbury is not None:
+            self.factorization = "woodbury"
+            self.spectrum = SpectrumReport(0, 0, p, float("nan"), float("nan"))
+            return
+        assert isinstance(hessian, np.ndarray)
+        self._factor_dense(hessian)
+
+    def _factor_dense(self, hessian: np.ndarray) -> None:
+        """Cholesky of the dense `H` (its data part in `hessian`, overwritten), else its eigendecomposition."""
+        p = self.n_params
         hessian[np.diag_indices(p)] += self._shift()
         self._diagonal = np.diag(hessian).copy()
         self._cholesky = self._try_cholesky(hessian) if p > SMALL_MATRIX else None
         if self._cholesky is not None:
+            self.factorization = "cholesky"
             self.spectrum = SpectrumReport(0, 0, p, float("nan"), float("nan"))
-            self._inv32 = self._h32 = None
         else:
+            self.factorization = "eigh"
             self.hessian = self._restore(hessian)
             eigenvalues, eigenvectors = self._eigh
             inverse, self.spectrum = inverse_eigenvalues(eigenvalues, self.rcond, self.indefinite, "ExactIHVP")
             self.__dict__["inv_hessian"] = _matmul_t(eigenvectors * inverse, eigenvectors)
             self._inv32 = tf.constant(self.inv_hessian, dtype=tf.float32)
             self._h32 = tf.constant(self.hessian, dtype=tf.float32)
+
+    def _try_woodbury(self, factors: DenseFactors) -> WoodburyInverse | None:
+        """The Woodbury factors when the curvature splits as `diag(e) - u u^T`, `D` and `C` are positive
+        definite and the pivot bound is above the singular cut (as `_try_cholesky`); else None."""
+        split = split_diagonal_minus_rank_one(factors.curvature)
+        if split is None:
+            return None
+        n_in, n_out = factors.inputs.shape[1], factors.curvature.shape[1]
+        shift = np.broadcast_to(np.asarray(self._shift(), np.float64), (self.n_params,)).reshape(n_in, n_out)
+        woodbury = WoodburyInverse.build(factors.inputs, *split, shift)
+        if woodbury is None or woodbury.pivot_bound <= self.rcond * float(np.max(np.abs(woodbury.diagonal))):
+            return None
+        return woodbury
 
     def _try_cholesky(self, hessian: np.ndarray) -> np.ndarray | None:
         """Factor `hessian` in place (its upper triangle, as `L^T`), and return the factor (a
@@ -128,6 +176,12 @@ class ExactIHVP(InverseHessianVectorProduct):
     @functools.cached_property
     def hessian(self) -> np.ndarray:
         """`H + damping I` (regularisation included), float64 `(n_params, n_params)`."""
+        if self._woodbury is not None:
+            p, woodbury = self.n_params, self._woodbury
+            hessian = factors_hessian_sum(woodbury.inputs, woodbury.curvature(), np.zeros((p, p)))
+            hessian /= len(woodbury.inputs)
+            hessian[np.diag_indices(p)] += woodbury.shift.reshape(-1)
+            return hessian
         assert self._cholesky is not None
         return self._restore(self._cholesky.T)
 
@@ -140,6 +194,8 @@ class ExactIHVP(InverseHessianVectorProduct):
     @functools.cached_property
     def inv_hessian(self) -> np.ndarray:
         """`(H + damping I)^-1` (pseudo-inverse as documented), float64 `(n_params, n_params)`."""
+        if self._woodbury is not None:
+            return self._woodbury.solve(np.eye(self.n_params))
         assert self._cholesky is not None
         return scipy.linalg.cho_solve((self._cholesky, True), np.eye(self.n_params), check_finite=False)
 
@@ -172,6 +228,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         return result
 
     def hvp(self, vectors: Any) -> tf.Tensor:
+        if self._woodbury is not None:
+            return tf.constant(self._woodbury.hvp(self._check_vectors(vectors)), tf.float32)
         if self._h32 is None:  # H v = L (L^T v), on the factor's triangle
             columns = np.asfortranarray(self._check_vectors(vectors).T)
             half = scipy.linalg.blas.dtrmm(1.0, self._cholesky, columns, lower=1, trans_a=1)
@@ -179,8 +237,10 @@ class ExactIHVP(InverseHessianVectorProduct):
         return tf.matmul(tf.cast(vectors, tf.float32), self._h32)
 
     def solve64(self, vectors: Any) -> np.ndarray:
-        """`solve` in float64: all rows at once (Cholesky solves, or the kept inverse)."""
+        """`solve` in float64: all rows at once (Woodbury or Cholesky solves, or the kept inverse)."""
         array = self._check_vectors(vectors)
+        if self._woodbury is not None:
+            return self._checked(self._woodbury.solve(array), "solve")
         if self._cholesky is None:
             return self._checked(array @ self.inv_hessian, "solve")
         solved = scipy.linalg.cho_solve((self._cholesky, True), array.T, check_finite=False).T
@@ -190,6 +250,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         """`v^T H^-1 v` for each row, float64 `(m,)`; with Cholesky `||L^-1 v||^2` (one triangular
         solve, and >= 0 by construction)."""
         array = self._check_vectors(vectors)
+        if self._woodbury is not None:
+            return self._checked(self._woodbury.quadratic_form(array), "quadratic_form")
         if self._cholesky is None:
             return np.einsum("ij,ij->i", array @ self.inv_hessian, array)
         half = scipy.linalg.solve_triangular(self._cholesky, array.T, lower=True, check_finite=False)

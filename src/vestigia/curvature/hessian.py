@@ -11,6 +11,9 @@ other head sums the autodiff Hessian of each batch (HVPs with rows of the identi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
 import numpy as np
 import tensorflow as tf
 
@@ -49,54 +52,104 @@ def kronecker_hessian_sum(a: np.ndarray, curvature: np.ndarray, total: np.ndarra
             blocks[:, c + 1 :, :, c] += row[:, 1:, :].transpose(2, 1, 0)
 
 
-def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset") -> np.ndarray:
-    """`H = (1/n) sum_i w_i d^2 loss_i / d theta^2`, float64 `(n_params, n_params)`.
+def factors_hessian_sum(a: np.ndarray, curvature: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """`kronecker_hessian_sum` over any number of examples, `ROWS_PER_PRODUCT` at a time; returns `total`."""
+    for start in range(0, len(a), ROWS_PER_PRODUCT):
+        rows = slice(start, start + ROWS_PER_PRODUCT)
+        kronecker_hessian_sum(a[rows], curvature[rows], total)
+    return total
 
-    No per-example Hessian is formed; memory is the Hessian plus `ROWS_PER_PRODUCT` examples'
-    factors.
+
+class DenseFactors(NamedTuple):
+    """The Kronecker factors of every training example (see `kronecker_hessian_sum`), float64:
+    `inputs` `(n, in)` and `curvature` `(n, out, out)` (weights included); the mean is over `n`."""
+
+    inputs: np.ndarray
+    curvature: np.ndarray
+
+
+def _batch_curvatures(
+    model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str
+) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | np.ndarray, int]]:
+    """Per batch: its `dense_curvature` factors `(a, M)`, or its summed autodiff Hessian, and its size.
 
     Raises:
         NonFiniteError: a batch gives NaN or Inf curvature (the message names its cause).
     """
     differentiator = model.differentiator
-    total = np.zeros((model.nb_params, model.nb_params), dtype=np.float64)
-    count = 0
-    pending: list[tuple[np.ndarray, np.ndarray]] = []
-    generic = False
-
-    def flush() -> None:
-        if pending:
-            kronecker_hessian_sum(
-                np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]), total
-            )
-            pending.clear()
-
     for batch in track(model.feature_batches(dataset, name), "Hessian (batches)", known_length(dataset)):
         pair = differentiator.dense_curvature(batch.features, batch.targets, batch.weights)
-        if pair is not None:
-            parts = (pair[0].numpy(), pair[1].numpy())
-            finite = all(np.isfinite(p).all() for p in parts)
-        else:
-            contribution = differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
-            finite = bool(np.isfinite(contribution).all())
-        if not finite:
+        part = (
+            (pair[0].numpy(), pair[1].numpy())
+            if pair is not None
+            else differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
+        )
+        if not all(np.isfinite(p).all() for p in (part if isinstance(part, tuple) else (part,))):
             losses = differentiator.losses(batch.features, batch.targets, batch.weights)
             raise NonFiniteError(model.diagnose_non_finite(batch, name, losses))
-        if pair is None:
-            generic = True
-            total += contribution
+        yield part, batch.size
+
+
+def mean_hessian_or_factors(
+    model: BaseInfluenceModel,
+    dataset: tf.data.Dataset,
+    name: str = "train_dataset",
+    max_rows: Callable[[int, int], int] | None = None,
+) -> np.ndarray | DenseFactors:
+    """The mean Hessian `H = (1/n) sum_i w_i d^2 loss_i / d theta^2`, float64 `(n_params, n_params)`;
+    or, when every batch has Kronecker factors and there are at most `max_rows(in, out)` examples,
+    those factors (`DenseFactors`), with nothing of size `(n_params, n_params)` formed.
+
+    One pass over the data. No per-example Hessian is formed; memory is the Hessian plus
+    `ROWS_PER_PRODUCT` examples' factors (or all of them, up to `max_rows`).
+
+    Raises:
+        NonFiniteError: a batch gives NaN or Inf curvature (the message names its cause).
+    """
+    total: np.ndarray | None = None
+    pending: list[tuple[np.ndarray, np.ndarray]] = []
+    count, limit, generic = 0, None, False
+
+    def summed() -> np.ndarray:
+        nonlocal total
+        if total is None:
+            total = np.zeros((model.nb_params, model.nb_params), dtype=np.float64)
+        if pending:
+            inputs, curvature = np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending])
+            factors_hessian_sum(inputs, curvature, total)
+            pending.clear()
+        return total
+
+    for part, size in _batch_curvatures(model, dataset, name):
+        count += size
+        if isinstance(part, tuple):
+            if limit is None:
+                limit = 0 if max_rows is None or generic else max_rows(part[0].shape[1], part[1].shape[1])
+            pending.append(part)
+            if count > limit and sum(len(p[0]) for p in pending) >= ROWS_PER_PRODUCT:
+                summed()
         else:
-            pending.append(parts)
-            if sum(len(p[0]) for p in pending) >= ROWS_PER_PRODUCT:
-                flush()
-        count += batch.size
-    flush()
+            generic, limit = True, 0
+            if pending:
+                summed()
+            total = part if total is None else total + part
+    if pending and not generic and limit is not None and count <= limit:
+        return DenseFactors(np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending]))
+    total = summed()
     total /= count
     if generic:  # the Kronecker sum is symmetric by construction; autodiff rows only up to round-off
         total += total.T
         total /= 2.0
     check_finite("the training Hessian", total)
     return total
+
+
+def mean_hessian(model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str = "train_dataset") -> np.ndarray:
+    """`H = (1/n) sum_i w_i d^2 loss_i / d theta^2`, float64 `(n_params, n_params)` (see
+    `mean_hessian_or_factors`)."""
+    result = mean_hessian_or_factors(model, dataset, name)
+    assert isinstance(result, np.ndarray)
+    return result
 
 
 def symmetric_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

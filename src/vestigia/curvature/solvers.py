@@ -26,9 +26,10 @@ def as_callable(operator: Operator) -> Callable[[np.ndarray], np.ndarray]:
 
 
 class CGResult(NamedTuple):
-    """`solution (m, p)`, `iterations` run, final `residual_norms (m,)`, `converged (m,)` (the
-    tolerance was reached) and `negative_curvature (m,)` (`p^T A p <= 0` met: `A` is not
-    positive definite on that row's Krylov space, which then stopped)."""
+    """`solution (m, p)`, `iterations` run, final `residual_norms (m,)` (of `b - A x`, unpreconditioned),
+    `converged (m,)` (the tolerance was reached) and `negative_curvature (m,)` (`p^T A p <= 0`, or
+    `r^T M^-1 r <= 0`, met: `A`, or the preconditioner, is not positive definite on that row's
+    Krylov space, which then stopped)."""
 
     solution: np.ndarray
     iterations: int
@@ -43,43 +44,59 @@ def conjugate_gradient(
     max_iterations: int = 100,
     tol: float = 1e-5,
     atol: float = 1e-10,
+    preconditioner: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> CGResult:
-    """Solve `A x = b` for every row `b` of `rhs` by conjugate gradient, all rows together.
+    """Solve `A x = b` for every row `b` of `rhs` by (preconditioned) conjugate gradient, all rows together.
 
-    Row `j` stops updating once `||r_j|| <= max(tol * ||b_j||, atol)`; the loop ends when every
-    row has, or after `max_iterations` applications of `A` (which must be symmetric positive
-    definite on the span of `rhs`).
+    Row `j` stops updating once `||r_j|| <= max(tol * ||b_j||, atol)`, `r = b - A x` the residual of
+    the unpreconditioned system; the loop ends when every row has, or after `max_iterations`
+    applications of `A` (which must be symmetric positive definite on the span of `rhs`). Each
+    iteration applies `A` (and the preconditioner) to the rows still active only, in one call.
+
+    With `preconditioner` (`M^-1`, mapping rows to rows, symmetric positive definite), the search
+    directions are `M^-1`-conjugate (PCG): `z = M^-1 r`, `alpha = r.z / p.Ap`, `beta = r'.z' / r.z`;
+    the closer `M` is to `A`, the fewer iterations.
 
     Returns:
         a `CGResult`.
     """
     apply = as_callable(operator)
+    precondition = preconditioner if preconditioner is not None else (lambda rows: rows)
     b = np.asarray(rhs, dtype=np.float64)
     x = np.zeros_like(b)
     r = b.copy()
-    p = r.copy()
-    rs = np.einsum("ij,ij->i", r, r)
-    threshold = np.maximum(tol * np.sqrt(rs), atol)
-    active = np.sqrt(rs) > threshold
+    norms = np.sqrt(np.einsum("ij,ij->i", r, r))
+    threshold = np.maximum(tol * norms, atol)
+    active = np.flatnonzero(norms > threshold)
+    p = np.zeros_like(b)
+    rz = np.zeros(len(b))
+    if active.size:
+        z = np.asarray(precondition(r[active]), dtype=np.float64)
+        p[active] = z
+        rz[active] = np.einsum("ij,ij->i", r[active], z)
     negative = np.zeros(len(b), dtype=bool)
     iterations = 0
     with bar(max_iterations, "CG iterations") as progress:
-        while active.any() and iterations < max_iterations:
-            ap = apply(p)
+        while active.size and iterations < max_iterations:
+            directions = p[active]
+            ap = np.asarray(apply(directions), dtype=np.float64)
             iterations += 1
             progress.advance()
-            curvature = np.einsum("ij,ij->i", p, ap)
-            safe = active & (curvature > 0)
-            negative |= active & ~safe
-            alpha = np.where(safe, rs / np.where(safe, curvature, 1.0), 0.0)
-            x += alpha[:, None] * p
-            r -= alpha[:, None] * ap
-            rs_new = np.einsum("ij,ij->i", r, r)
-            active = safe & (np.sqrt(rs_new) > threshold)
-            beta = np.where(active, rs_new / np.where(rs > 0, rs, 1.0), 0.0)
-            p = np.where(active[:, None], r + beta[:, None] * p, 0.0)
-            rs = rs_new
-    norms = np.sqrt(rs)
+            curvature = np.einsum("ij,ij->i", directions, ap)
+            safe = (curvature > 0) & (rz[active] > 0)
+            negative[active[~safe]] = True
+            alpha = np.where(safe, rz[active] / np.where(safe, curvature, 1.0), 0.0)
+            x[active] += alpha[:, None] * directions
+            residual = r[active] - alpha[:, None] * ap
+            r[active] = residual
+            norms[active] = np.sqrt(np.einsum("ij,ij->i", residual, residual))
+            going = safe & (norms[active] > threshold[active])
+            active, residual, directions = active[going], residual[going], directions[going]
+            if active.size:
+                z = np.asarray(precondition(residual), dtype=np.float64)
+                rz_new = np.einsum("ij,ij->i", residual, z)
+                p[active] = z + (rz_new / rz[active])[:, None] * directions
+                rz[active] = rz_new
     return CGResult(x, iterations, norms, norms <= threshold, negative)
 
 
