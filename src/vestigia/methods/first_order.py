@@ -163,7 +163,8 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
         if self._factored is not None:
             return self._factored.self_influence(batch)
         grads = self._gradients(batch)
-        return tf.reduce_sum(grads * self._normalized(self.ihvp_calculator.solve(grads)), axis=1).numpy()
+        solved = np.asarray(self._normalized(self.ihvp_calculator.solve(grads)))
+        return np.einsum("ij,ij->i", np.asarray(grads), solved)
 
     def compute_influence_vector_group(self, group: Any) -> tf.Tensor:
         """`H^-1 sum_{z in group} g_z` (normalised for RelatIF), shape `(1, n_params)`."""
