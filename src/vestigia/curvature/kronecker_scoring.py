@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from vestigia.curvature.kronecker_factors import damped_power, rotated_gradients, weighted_squares
+from vestigia.curvature.kronecker_factors import damped_power, flat_matmul, rotated_gradients, weighted_squares
 from vestigia.data.dataset import Batch
 from vestigia.gradients.layer_capture import Captured
 
@@ -70,9 +70,12 @@ class KroneckerScoring:
     # -- traced code ---------------------------------------------------------------------------
 
     def _preconditioned(self, i: int, a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
+        """`Q_A [(Q_A^T G Q_S) / (Lambda + lambda)] Q_S^T` per example, `(batch, in, out)`, by large GEMMs."""
         rotated = rotated_gradients(a, d, self._q_in[i], self._q_out[i]) * self._inverse[i]
-        back = tf.einsum("bjp,op->bjo", rotated, self._q_out[i])
-        return back if self._q_in[i] is None else tf.einsum("ij,bjo->bio", self._q_in[i], back)
+        back = flat_matmul(rotated, tf.transpose(self._q_out[i]))
+        if self._q_in[i] is None:
+            return back
+        return tf.transpose(flat_matmul(tf.transpose(back, [0, 2, 1]), tf.transpose(self._q_in[i])), [0, 2, 1])
 
     def _test_reducer(self, captured: Captured) -> tf.Tensor:
         batch = tf.shape(captured.losses)[0]
