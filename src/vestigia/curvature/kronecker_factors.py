@@ -58,17 +58,25 @@ def _check_finite(name: str, what: str, array: np.ndarray) -> None:
 
 
 def batch_covariances(
-    inputs: list[tf.Tensor], deltas: list[tf.Tensor], diagonal_input: list[bool]
+    inputs: list[tf.Tensor],
+    deltas: list[tf.Tensor],
+    diagonal_input: list[bool],
+    known_inputs: list[tf.Tensor | None] | None = None,
 ) -> list[tuple[tf.Tensor, tf.Tensor]]:
     """Per layer, `(sum_i sum_t a a^T / T, sum_i sum_t d d^T)` of one batch (traced code).
 
-    A diagonal input factor is returned as its diagonal `(in,)`.
+    A diagonal input factor is returned as its diagonal `(in,)`. `known_inputs` may give a
+    layer's input term computed another way (e.g. `conv_covariance`); its `a` is then unused.
     """
     result = []
-    for a, d, diagonal in zip(inputs, deltas, diagonal_input):
+    known = known_inputs if known_inputs is not None else [None] * len(inputs)
+    for a, d, diagonal, cov_known in zip(inputs, deltas, diagonal_input, known):
+        flat_d = tf.reshape(d, [-1, d.shape[-1]])
+        if cov_known is not None:
+            result.append((cov_known, tf.matmul(flat_d, flat_d, transpose_a=True)))
+            continue
         positions = tf.cast(tf.shape(a)[1], a.dtype)
         flat_a = tf.reshape(a, [-1, a.shape[-1]])
-        flat_d = tf.reshape(d, [-1, d.shape[-1]])
         if diagonal:
             cov_a = tf.reduce_sum(tf.square(flat_a), axis=0) / positions
         else:
