@@ -1,4 +1,5 @@
-"""Oracle: the patch-free covariance of a stride-1 Conv2D equals `sum a a^T` over unfolded patches."""
+"""Oracles for stride-1 Conv2D: the patch-free covariance equals `sum a a^T` over patches
+unfolded by `tf.image.extract_patches`, and so do the shifted-slice patches themselves."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from vestigia.curvature.conv_covariance import applies, patch_covariance
-from vestigia.gradients.layer_kinds import layer_spec
+from vestigia.gradients.layer_kinds import _patches, layer_spec
 
 # float32 sums of ~batch * H * W products of O(1) terms, relative to the largest entry
 RTOL = 1e-5
@@ -32,7 +33,11 @@ def test_patch_covariance_equals_the_unfolded_patches(kernel: tuple[int, int], p
     rng = np.random.default_rng(0)
     x = rng.normal(size=(5, 7, 6, 3)).astype("float32")
     scale = rng.uniform(0.5, 1.5, size=5).astype("float32")
-    patches = spec.input_rows(tf.constant(x)).numpy().astype("float64") * scale[:, None, None]
+    unfolded = _patches(layer, tf.constant(x)).numpy().astype("float64")  # extract_patches
+    if bias:
+        unfolded = np.concatenate([unfolded, np.ones(unfolded.shape[:2] + (1,))], axis=2)
+    np.testing.assert_array_equal(spec.input_rows(tf.constant(x)).numpy(), unfolded)  # shifted slices: a copy
+    patches = unfolded * scale[:, None, None]
     expected = np.einsum("bti,btj->ij", patches, patches)
     matrix, positions = patch_covariance(spec, tf.constant(x), tf.constant(scale))
     assert positions == patches.shape[1]

@@ -111,7 +111,7 @@ class KroneckerScoring:
                     scores += tf.reduce_sum(projected_a * projected_d, axis=2)
                     continue
                 query = tf.reshape(tf.einsum("qir,qor->qio", left, right), [n_test, -1])
-            gradient = tf.reshape(tf.einsum("bti,bto->bio", a, d), [batch, -1])
+            gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
             scores += tf.matmul(query, gradient, transpose_b=True)
         offset = len(self.capture.specs)
         for j, g in enumerate(captured.others):

@@ -108,6 +108,8 @@ class LayerSpec:
             a = _as_rows(inputs, inputs.shape[-1])
         elif self.equation is not None:
             a = self._einsum_rows(inputs, self.equation[0], _kernel_dims(self.equation, "in"))
+        elif _shifted_patches_apply(self.layer):
+            return _shifted_patches(self.layer, tf.cast(inputs, tf.float32), self.has_bias)
         else:
             a = _patches(self.layer, inputs)
         a = tf.cast(a, tf.float32)
@@ -199,6 +201,31 @@ def _parse_einsum(layer: Any) -> tuple[str, str, str] | None:
         if c not in kernel and c not in ins:
             return None
     return inputs, kernel, outputs
+
+
+def _shifted_patches_apply(layer: Any) -> bool:
+    return (
+        layer.rank == 2
+        and tuple(layer.strides) == (1, 1)
+        and tuple(layer.dilation_rate) == (1, 1)
+        and layer.padding in ("same", "valid")
+    )
+
+
+def _shifted_patches(layer: Any, inputs: tf.Tensor, bias: bool) -> tf.Tensor:
+    """The patches of a stride-1 `Conv2D` (with the bias's 1 when `bias`), `(batch, T, n_in)`, as
+    one concatenation of shifted slices of the padded input (about twice as fast as
+    `extract_patches` on CPU, and no second copy for the bias column)."""
+    kh, kw = (int(k) for k in layer.kernel_size)
+    if layer.padding == "same":  # TensorFlow's split: the odd pixel after
+        pad_h, pad_w = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
+        inputs = tf.pad(inputs, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
+    out_h, out_w = int(inputs.shape[1]) - kh + 1, int(inputs.shape[2]) - kw + 1
+    parts = [inputs[:, u : u + out_h, v : v + out_w, :] for u in range(kh) for v in range(kw)]
+    if bias:
+        parts.append(tf.ones_like(inputs[:, :out_h, :out_w, :1]))
+    patches = tf.concat(parts, axis=3)
+    return _as_rows(patches, patches.shape[-1])
 
 
 def _patches(layer: Any, inputs: tf.Tensor) -> tf.Tensor:
