@@ -53,3 +53,34 @@ def test_both_contraction_orders_match_explicit_per_example_gradients(
     _close(rotated_gradients(f32(a), f32(d), tq_in, f32(q_out)), expected)
     _close(summed_squares(f32(a), f32(d), tq_in, f32(q_out)), (expected**2).sum(axis=0))
     _close(weighted_squares(f32(a), f32(d), tq_in, f32(q_out), f32(weights)), (expected**2 * weights).sum(axis=(1, 2)))
+
+
+def test_low_rank_conv_queries_in_chunks_equal_full_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank-r queries of a conv layer (T > 1), formed a few queries at a time: at full rank they
+    give the full-rank scores; one query per chunk gives the same as one chunk for all."""
+    import keras
+
+    from vestigia import FirstOrderInfluenceCalculator
+    from vestigia.curvature import EKFACIHVP, kronecker_scoring
+    from vestigia.model.influence_model import BaseInfluenceModel
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 6, 6, 2)).astype("float32"), np.eye(3, dtype="float32")[rng.integers(0, 3, 12)]
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
+    im = BaseInfluenceModel(model, loss_function=loss)
+    solver = EKFACIHVP(im, data, fisher="empirical")
+    reference = FirstOrderInfluenceCalculator(im, data, ihvp_calculator=solver).influence_matrix(data, data)
+    solver.query_rank = 19  # min(in, out) = min(19, 3) for the conv: full rank
+    monkeypatch.setattr(kronecker_scoring, "QUERY_CHUNK_BYTES", 4 * 19 * 3 * 2)  # two queries per chunk
+    chunked = FirstOrderInfluenceCalculator(im, data, ihvp_calculator=solver).influence_matrix(data, data)
+    np.testing.assert_allclose(chunked, reference, rtol=0, atol=1e-4 * np.abs(reference).max())

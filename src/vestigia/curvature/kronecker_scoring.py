@@ -11,7 +11,8 @@ gradient, the first-order influence of training example `z` on query `q` is
 * Pairing, per training batch and layer: with one position (`T = 1`, a Dense layer on vectors)
   and a low-rank query, `<U S V^T, a d^T> = sum_r (a^T u_r s_r)(d^T v_r)`: no `(in, out)` matrix at
   all. Otherwise `G_z` is formed for the batch only (`(batch, in, out)`, the size of the layer's
-  weight gradient per example) and contracted with `P_q`.
+  weight gradient per example) and contracted with `P_q` (low-rank queries: their `(in, out)`
+  matrices formed a chunk of queries at a time, at most `QUERY_CHUNK_BYTES`).
 * Self-influence: `g^T H^-1 g = sum_jk (Q_A^T G Q_S)_jk^2 / (Lambda_jk + lambda)`, with one
   position `((a~^2)^T W (d~^2))`, no per-example matrix.
 """
@@ -26,6 +27,9 @@ import tensorflow as tf
 from vestigia.curvature.kronecker_factors import damped_power, flat_matmul, rotated_gradients, weighted_squares
 from vestigia.data.dataset import Batch
 from vestigia.gradients.layer_capture import Captured
+
+QUERY_CHUNK_BYTES = 256 * 2**20
+"""Bound on the rank-r queries' full `(in, out)` matrices formed at once per layer (float32)."""
 
 
 class KroneckerScoring:
@@ -110,13 +114,34 @@ class KroneckerScoring:
                     projected_d = tf.einsum("bo,qor->qbr", d[:, 0], right)
                     scores += tf.reduce_sum(projected_a * projected_d, axis=2)
                     continue
-                query = tf.reshape(tf.einsum("qir,qor->qio", left, right), [n_test, -1])
+                gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
+                scores += self._low_rank_scores(left, right, gradient, spec.n_in * spec.n_out)
+                continue
             gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
             scores += tf.matmul(query, gradient, transpose_b=True)
         offset = len(self.capture.specs)
         for j, g in enumerate(captured.others):
             scores += tf.matmul(columns[offset + j], g, transpose_b=True)
         return scores
+
+    def _low_rank_scores(self, left: tf.Tensor, right: tf.Tensor, gradient: tf.Tensor, width: int) -> tf.Tensor:
+        """`<U_q S_q V_q^T, G_z>` `(n_test, batch)` for rank-r queries `left` `(n_test, in, r)`,
+        `right` `(n_test, out, r)` and training gradients `(batch, in * out)`: the queries' full
+        matrices are formed `chunk` at a time, so at most `QUERY_CHUNK_BYTES` of them exist."""
+        chunk = max(1, QUERY_CHUNK_BYTES // (4 * width))
+        n_test = tf.shape(left)[0]
+
+        def block(index: tf.Tensor, blocks: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
+            start = index * chunk
+            stop = tf.minimum(start + chunk, n_test)
+            query = tf.matmul(left[start:stop], right[start:stop], transpose_b=True)
+            scores = tf.matmul(tf.reshape(query, [stop - start, width]), gradient, transpose_b=True)
+            return index + 1, blocks.write(index, scores)
+
+        count = (n_test + chunk - 1) // chunk
+        blocks = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=[None, None])
+        _, blocks = tf.while_loop(lambda index, _: index < count, block, [tf.constant(0), blocks])
+        return tf.reshape(blocks.concat(), [n_test, tf.shape(gradient)[0]])
 
     def _self_reducer(self, captured: Captured) -> tf.Tensor:
         total = tf.zeros_like(captured.losses)
