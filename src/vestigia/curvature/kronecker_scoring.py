@@ -97,6 +97,15 @@ class KroneckerScoring:
         return tf.concat(parts, axis=1)
 
     def _pair_reducer(self, captured: Captured, test_side: tf.Tensor) -> tf.Tensor:
+        if self.rank is None:
+            # full rank: the batch's gradients of every layer side by side `(batch, sum(widths))`
+            # (its own size only), one GEMM against the packed queries, which are never split
+            batch = tf.shape(captured.losses)[0]
+            gradients = [
+                tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
+                for a, d in zip(captured.inputs, captured.deltas)
+            ]
+            return tf.matmul(test_side, tf.concat(gradients + list(captured.others), axis=1), transpose_b=True)
         columns = tf.split(test_side, self.widths, axis=1)
         n_test = tf.shape(test_side)[0]
         batch = tf.shape(captured.losses)[0]
