@@ -15,8 +15,10 @@ gradients in it:
 
     Lambda_jk = E_i[(Q_A^T G_i Q_S)_jk^2],
 
-computed from `a` and `d` (rotated first, or `G_i` formed per batch when that is cheaper),
-never from `(n, n_params)` gradients. Weights without a Kronecker form get the diagonal
+computed from `a` and `d` (rotated first, or `G_i` formed per batch when that is cheaper, see
+`rotate_first`; each rotation one GEMM over the whole batch), never from `(n, n_params)`
+gradients. The input factor of a stride-1 `Conv2D` comes from shifted products of its input
+instead of its patches (`vestigia.curvature.conv_covariance`). Weights without a Kronecker form get the diagonal
 `E_i[g_i^2]`. All sums are per batch in float32 on the device and accumulated in float64.
 """
 
