@@ -19,9 +19,18 @@ processes on a shared machine). Then peak RSS (`resource.getrusage`), and with `
 same run at several training-set sizes in fresh processes, to show how time and peak memory
 grow with `n_train`.
 
+Each stage prints one line, `name: S s = R epochs wall, C epochs CPU (note); peak RSS G GiB`;
+`--sizes` ends with a table `n_train | epoch s | stage (epochs wall / CPU) ... | peak RSS GiB`.
+The factors include fixed costs that do not grow with `n_train` (float64 eigendecompositions of
+the 10 layers' input factors, up to 2,305 x 2,305: ~15 s on 2 cores), so at small `n_train` their
+ratio is above the per-example cost; compare sizes for the marginal ratio.
+
 Targets (issue 11): factors <= 3 epochs, self-influence <= 3, pairwise <= 4, TRAK <= 2 per
-checkpoint, peak <= 6 GiB, flat
-in `n_train`. To add a stage (e.g. TRAK featurisation), append a function to `STAGES`.
+checkpoint, peak <= 6 GiB, flat in `n_train`. Floors at the training GEMMs' speed (multiply-adds
+per example; training step 585M): factors 3.7 epochs (capture passes 2 x 0.67, input covariances
+0.83 with `conv_covariance`, the refit's rotations `in^2 min(T, out)` per layer 1.58),
+self-influence 2.25, pairwise with 1,000 full-rank queries 3.1. To add a stage, append a
+function to `STAGES`.
 
 Run: `python benchmarks/whole_model.py` (full size: 50,000 train / 1,000 queries: hours on 2
 cores), `python benchmarks/whole_model.py --n-train 1000 --n-query 100` (minutes), and

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.curvature import conv_covariance
 from vestigia.curvature.base import InverseHessianVectorProduct
 from vestigia.curvature.factor_file import load_factors, save_factors
 from vestigia.curvature.kronecker_factors import (
@@ -55,6 +56,12 @@ FISHERS = ("true", "empirical")
 
 def _batch_weights(batch: Batch) -> tf.Tensor:
     return tf.ones([batch.size], tf.float32) if batch.weights is None else tf.cast(batch.weights, tf.float32)
+
+
+def _summed_patch_covariances(spec: LayerSpec, calls: list[tf.Tensor], scale: tf.Tensor) -> tf.Tensor:
+    """`sum_i sum_t a a^T / T` over every call of a stride-1 conv layer (see `conv_covariance`)."""
+    parts = [conv_covariance.patch_covariance(spec, x, scale) for x in calls]
+    return tf.add_n([matrix for matrix, _ in parts]) / float(sum(positions for _, positions in parts))
 
 
 class ParameterLayout:
@@ -209,9 +216,16 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         def covariances(captured: Captured, weights: tf.Tensor) -> Any:
             # A = sum_i w_i a a^T / sum_i w_i, S = sum_i w_i d d^T / n: A (x) S is the weighted mean
             squares = [tf.reduce_sum(tf.square(g), axis=0) for g in captured.others]
-            root = tf.sqrt(weights)[:, None, None]
-            inputs = [a * root for a in captured.inputs]
-            return batch_covariances(inputs, captured.deltas, diagonal_input), squares, tf.reduce_sum(weights)
+            root = tf.sqrt(weights)
+            inputs = [a * root[:, None, None] for a in captured.inputs]
+            # stride-1 convolutions: from shifted products of the layer input, no patches
+            # (their `inputs` are then unused and not computed in the traced graph)
+            known = [
+                _summed_patch_covariances(s, calls, root) if conv_covariance.applies(s) else None
+                for s, calls in zip(specs, captured.layer_inputs)
+            ]
+            covs = batch_covariances(inputs, captured.deltas, diagonal_input, known)
+            return covs, squares, tf.reduce_sum(weights)
 
         sums_in = [np.zeros(s.n_in if s.diagonal_input else (s.n_in, s.n_in)) for s in specs]
         sums_out = [np.zeros((s.n_out, s.n_out)) for s in specs]

@@ -15,8 +15,10 @@ gradients in it:
 
     Lambda_jk = E_i[(Q_A^T G_i Q_S)_jk^2],
 
-computed from `a` and `d` (rotated first, or `G_i` formed per batch when that is cheaper),
-never from `(n, n_params)` gradients. Weights without a Kronecker form get the diagonal
+computed from `a` and `d` (rotated first, or `G_i` formed per batch when that is cheaper, see
+`rotate_first`; each rotation one GEMM over the whole batch), never from `(n, n_params)`
+gradients. The input factor of a stride-1 `Conv2D` comes from shifted products of its input
+instead of its patches (`vestigia.curvature.conv_covariance`). Weights without a Kronecker form get the diagonal
 `E_i[g_i^2]`. All sums are per batch in float32 on the device and accumulated in float64.
 """
 
@@ -58,17 +60,25 @@ def _check_finite(name: str, what: str, array: np.ndarray) -> None:
 
 
 def batch_covariances(
-    inputs: list[tf.Tensor], deltas: list[tf.Tensor], diagonal_input: list[bool]
+    inputs: list[tf.Tensor],
+    deltas: list[tf.Tensor],
+    diagonal_input: list[bool],
+    known_inputs: list[tf.Tensor | None] | None = None,
 ) -> list[tuple[tf.Tensor, tf.Tensor]]:
     """Per layer, `(sum_i sum_t a a^T / T, sum_i sum_t d d^T)` of one batch (traced code).
 
-    A diagonal input factor is returned as its diagonal `(in,)`.
+    A diagonal input factor is returned as its diagonal `(in,)`. `known_inputs` may give a
+    layer's input term computed another way (e.g. `conv_covariance`); its `a` is then unused.
     """
     result = []
-    for a, d, diagonal in zip(inputs, deltas, diagonal_input):
+    known = known_inputs if known_inputs is not None else [None] * len(inputs)
+    for a, d, diagonal, cov_known in zip(inputs, deltas, diagonal_input, known):
+        flat_d = tf.reshape(d, [-1, d.shape[-1]])
+        if cov_known is not None:
+            result.append((cov_known, tf.matmul(flat_d, flat_d, transpose_a=True)))
+            continue
         positions = tf.cast(tf.shape(a)[1], a.dtype)
         flat_a = tf.reshape(a, [-1, a.shape[-1]])
-        flat_d = tf.reshape(d, [-1, d.shape[-1]])
         if diagonal:
             cov_a = tf.reduce_sum(tf.square(flat_a), axis=0) / positions
         else:
@@ -89,8 +99,12 @@ def eigenbasis(name: str, cov_in: np.ndarray, cov_out: np.ndarray) -> tuple[np.n
     return q_in, q_out, np.outer(np.maximum(alpha, 0.0), np.maximum(sigma, 0.0))
 
 
-def _rotate_first(positions: int | None, n_in: int, n_out: int) -> bool:
-    """True if rotating `a` and `d` before contracting over positions costs less than forming `G`."""
+def rotate_first(positions: int | None, n_in: int, n_out: int) -> bool:
+    """The cheaper contraction order for `Q_A^T G_i Q_S` with `G_i = A_i^T D_i` (multiply-adds
+    per example): rotating `A_i` `(T, in)` and `D_i` `(T, out)` first and then contracting over
+    positions costs `T (in^2 + out^2 + in out)`; forming `G_i` first and rotating it costs
+    `T in out + in out (in + out)`. So rotate first when `T` is below about `in` (e.g. a 3 x 3
+    convolution on an 8 x 8 map: `T = 64`, `in = 9 c_in + 1`)."""
     if positions is None:
         return False
     return positions * (n_in * n_in + n_out * n_out + n_in * n_out) < positions * n_in * n_out + n_in * n_out * (
@@ -98,16 +112,32 @@ def _rotate_first(positions: int | None, n_in: int, n_out: int) -> bool:
     )
 
 
+def flat_matmul(x: tf.Tensor, q: tf.Tensor) -> tf.Tensor:
+    """`x @ q` for `x` `(..., n)` as one `(rows, n) x (n, m)` GEMM over all leading axes (a
+    broadcast batched matmul would copy `q` once per example and run many small products)."""
+    shape = tf.shape(x)
+    product = tf.matmul(tf.reshape(x, [-1, x.shape[-1]]), q)
+    return tf.reshape(product, tf.concat([shape[:-1], [q.shape[-1]]], axis=0))
+
+
+def _rotated(a: tf.Tensor, d: tf.Tensor, q_in: tf.Tensor | None, q_out: tf.Tensor) -> tuple[tf.Tensor, bool]:
+    """`Q_A^T G_i Q_S` per example, in the cheaper order (`rotate_first`), every rotation one
+    large GEMM over the whole batch. Returns `(rotated, transposed)`: `(batch, in, out)`, or
+    `(batch, out, in)` when `transposed` (saves a transpose of the result)."""
+    if rotate_first(a.shape[1], a.shape[-1], d.shape[-1]):
+        rotated_a = a if q_in is None else flat_matmul(a, q_in)
+        return tf.matmul(rotated_a, flat_matmul(d, q_out), transpose_a=True), False
+    gradient = tf.matmul(a, d, transpose_a=True)  # (batch, in, out)
+    rotated = flat_matmul(gradient, q_out)  # G Q_S
+    if q_in is None:
+        return rotated, False
+    return flat_matmul(tf.transpose(rotated, [0, 2, 1]), q_in), True  # (Q_A^T G Q_S)^T
+
+
 def rotated_gradients(a: tf.Tensor, d: tf.Tensor, q_in: tf.Tensor | None, q_out: tf.Tensor) -> tf.Tensor:
-    """`Q_A^T G_i Q_S` for each example, `(batch, in, out)` (traced code; plain broadcast matmuls,
-    which avoid the transposes `einsum` inserts)."""
-    if _rotate_first(a.shape[1], a.shape[-1], d.shape[-1]):
-        a = a if q_in is None else tf.matmul(a, q_in)
-        return tf.matmul(a, tf.matmul(d, q_out), transpose_a=True)
-    gradient = tf.matmul(a, d, transpose_a=True)
-    if q_in is not None:
-        gradient = tf.matmul(q_in, gradient, transpose_a=True)
-    return tf.matmul(gradient, q_out)
+    """`Q_A^T G_i Q_S` for each example, `(batch, in, out)` (traced code)."""
+    rotated, transposed = _rotated(a, d, q_in, q_out)
+    return tf.transpose(rotated, [0, 2, 1]) if transposed else rotated
 
 
 def weighted_squares(
@@ -119,7 +149,10 @@ def weighted_squares(
         rotated_a = a[:, 0] if q_in is None else tf.matmul(a[:, 0], q_in)
         rotated_d = tf.matmul(d[:, 0], q_out)
         return tf.reduce_sum(tf.matmul(tf.square(rotated_a), weights) * tf.square(rotated_d), axis=1)
-    return tf.reduce_sum(tf.square(rotated_gradients(a, d, q_in, q_out)) * weights, axis=[1, 2])
+    rotated, transposed = _rotated(a, d, q_in, q_out)
+    flat_weights = tf.reshape(tf.transpose(weights) if transposed else weights, [-1, 1])
+    squares = tf.reshape(tf.square(rotated), [tf.shape(rotated)[0], -1])
+    return tf.reshape(tf.matmul(squares, flat_weights), [-1])
 
 
 def summed_squares(a: tf.Tensor, d: tf.Tensor, q_in: tf.Tensor | None, q_out: tf.Tensor) -> tf.Tensor:
@@ -128,7 +161,9 @@ def summed_squares(a: tf.Tensor, d: tf.Tensor, q_in: tf.Tensor | None, q_out: tf
         rotated_a = a[:, 0] if q_in is None else tf.matmul(a[:, 0], q_in)
         rotated_d = tf.matmul(d[:, 0], q_out)
         return tf.matmul(tf.square(rotated_a), tf.square(rotated_d), transpose_a=True)
-    return tf.reduce_sum(tf.square(rotated_gradients(a, d, q_in, q_out)), axis=0)
+    rotated, transposed = _rotated(a, d, q_in, q_out)
+    total = tf.reduce_sum(tf.square(rotated), axis=0)
+    return tf.transpose(total) if transposed else total
 
 
 def layer_damping(eigenvalues: np.ndarray, damping: float | None, damping_fraction: float) -> float:

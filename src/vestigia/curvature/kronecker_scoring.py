@@ -11,7 +11,8 @@ gradient, the first-order influence of training example `z` on query `q` is
 * Pairing, per training batch and layer: with one position (`T = 1`, a Dense layer on vectors)
   and a low-rank query, `<U S V^T, a d^T> = sum_r (a^T u_r s_r)(d^T v_r)`: no `(in, out)` matrix at
   all. Otherwise `G_z` is formed for the batch only (`(batch, in, out)`, the size of the layer's
-  weight gradient per example) and contracted with `P_q`.
+  weight gradient per example) and contracted with `P_q` (low-rank queries: their `(in, out)`
+  matrices formed a chunk of queries at a time, at most `QUERY_CHUNK_BYTES`).
 * Self-influence: `g^T H^-1 g = sum_jk (Q_A^T G Q_S)_jk^2 / (Lambda_jk + lambda)`, with one
   position `((a~^2)^T W (d~^2))`, no per-example matrix.
 """
@@ -23,9 +24,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from vestigia.curvature.kronecker_factors import damped_power, rotated_gradients, weighted_squares
+from vestigia.curvature.kronecker_factors import damped_power, flat_matmul, rotated_gradients, weighted_squares
 from vestigia.data.dataset import Batch
 from vestigia.gradients.layer_capture import Captured
+
+QUERY_CHUNK_BYTES = 256 * 2**20
+"""Bound on the rank-r queries' full `(in, out)` matrices formed at once per layer (float32)."""
 
 
 class KroneckerScoring:
@@ -70,9 +74,12 @@ class KroneckerScoring:
     # -- traced code ---------------------------------------------------------------------------
 
     def _preconditioned(self, i: int, a: tf.Tensor, d: tf.Tensor) -> tf.Tensor:
+        """`Q_A [(Q_A^T G Q_S) / (Lambda + lambda)] Q_S^T` per example, `(batch, in, out)`, by large GEMMs."""
         rotated = rotated_gradients(a, d, self._q_in[i], self._q_out[i]) * self._inverse[i]
-        back = tf.einsum("bjp,op->bjo", rotated, self._q_out[i])
-        return back if self._q_in[i] is None else tf.einsum("ij,bjo->bio", self._q_in[i], back)
+        back = flat_matmul(rotated, tf.transpose(self._q_out[i]))
+        if self._q_in[i] is None:
+            return back
+        return tf.transpose(flat_matmul(tf.transpose(back, [0, 2, 1]), tf.transpose(self._q_in[i])), [0, 2, 1])
 
     def _test_reducer(self, captured: Captured) -> tf.Tensor:
         batch = tf.shape(captured.losses)[0]
@@ -90,6 +97,15 @@ class KroneckerScoring:
         return tf.concat(parts, axis=1)
 
     def _pair_reducer(self, captured: Captured, test_side: tf.Tensor) -> tf.Tensor:
+        if self.rank is None:
+            # full rank: the batch's gradients of every layer side by side `(batch, sum(widths))`
+            # (its own size only), one GEMM against the packed queries, which are never split
+            batch = tf.shape(captured.losses)[0]
+            gradients = [
+                tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
+                for a, d in zip(captured.inputs, captured.deltas)
+            ]
+            return tf.matmul(test_side, tf.concat(gradients + list(captured.others), axis=1), transpose_b=True)
         columns = tf.split(test_side, self.widths, axis=1)
         n_test = tf.shape(test_side)[0]
         batch = tf.shape(captured.losses)[0]
@@ -107,13 +123,34 @@ class KroneckerScoring:
                     projected_d = tf.einsum("bo,qor->qbr", d[:, 0], right)
                     scores += tf.reduce_sum(projected_a * projected_d, axis=2)
                     continue
-                query = tf.reshape(tf.einsum("qir,qor->qio", left, right), [n_test, -1])
-            gradient = tf.reshape(tf.einsum("bti,bto->bio", a, d), [batch, -1])
+                gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
+                scores += self._low_rank_scores(left, right, gradient, spec.n_in * spec.n_out)
+                continue
+            gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
             scores += tf.matmul(query, gradient, transpose_b=True)
         offset = len(self.capture.specs)
         for j, g in enumerate(captured.others):
             scores += tf.matmul(columns[offset + j], g, transpose_b=True)
         return scores
+
+    def _low_rank_scores(self, left: tf.Tensor, right: tf.Tensor, gradient: tf.Tensor, width: int) -> tf.Tensor:
+        """`<U_q S_q V_q^T, G_z>` `(n_test, batch)` for rank-r queries `left` `(n_test, in, r)`,
+        `right` `(n_test, out, r)` and training gradients `(batch, in * out)`: the queries' full
+        matrices are formed `chunk` at a time, so at most `QUERY_CHUNK_BYTES` of them exist."""
+        chunk = max(1, QUERY_CHUNK_BYTES // (4 * width))
+        n_test = tf.shape(left)[0]
+
+        def block(index: tf.Tensor, blocks: tf.TensorArray) -> tuple[tf.Tensor, tf.TensorArray]:
+            start = index * chunk
+            stop = tf.minimum(start + chunk, n_test)
+            query = tf.matmul(left[start:stop], right[start:stop], transpose_b=True)
+            scores = tf.matmul(tf.reshape(query, [stop - start, width]), gradient, transpose_b=True)
+            return index + 1, blocks.write(index, scores)
+
+        count = (n_test + chunk - 1) // chunk
+        blocks = tf.TensorArray(tf.float32, size=count, infer_shape=False, element_shape=[None, None])
+        _, blocks = tf.while_loop(lambda index, _: index < count, block, [tf.constant(0), blocks])
+        return tf.reshape(blocks.concat(), [n_test, tf.shape(gradient)[0]])
 
     def _self_reducer(self, captured: Captured) -> tf.Tensor:
         total = tf.zeros_like(captured.losses)

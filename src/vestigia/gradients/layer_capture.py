@@ -45,12 +45,16 @@ class Captured(NamedTuple):
         inputs: per captured layer, `a` `(batch, T, n_in)`.
         deltas: per captured layer, `d` `(batch, T, n_out)`.
         others: per other watched variable, per-example gradients `(batch, size)`.
+        layer_inputs: per captured layer, its raw input tensor of each call (for reducers that
+            need no patches, e.g. `vestigia.curvature.conv_covariance`; in a traced reducer the
+            patches of `inputs` are only computed if used).
     """
 
     losses: tf.Tensor
     inputs: list[tf.Tensor]
     deltas: list[tf.Tensor]
     others: list[tf.Tensor]
+    layer_inputs: list[list[tf.Tensor]] = []
 
 
 def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -177,7 +181,7 @@ class LayerCapture:
             others = [tf.reshape(j, [batch, -1]) for j in jacobians]
             del tape
         self._records = {}
-        return Captured(losses, a_list, d_list, others)
+        return Captured(losses, a_list, d_list, others, [[x for x, _ in calls] for _, calls in records])
 
     def traced(self, reducer: Callable[..., Any], sampled: bool = False) -> BatchTraced:
         """`fn(inputs, targets, weights[, seed], *extra) -> reducer(captured, *extra)`, traced once.

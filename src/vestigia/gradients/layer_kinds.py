@@ -105,9 +105,11 @@ class LayerSpec:
         if self.kind == "embedding":
             a = tf.one_hot(tf.reshape(tf.cast(inputs, tf.int32), [batch, -1]), self.n_in, dtype=tf.float32)
         elif self.kind == "dense":
-            a = tf.reshape(inputs, [batch, -1, inputs.shape[-1]])
+            a = _as_rows(inputs, inputs.shape[-1])
         elif self.equation is not None:
             a = self._einsum_rows(inputs, self.equation[0], _kernel_dims(self.equation, "in"))
+        elif _shifted_patches_apply(self.layer):
+            return _shifted_patches(self.layer, tf.cast(inputs, tf.float32), self.has_bias)
         else:
             a = _patches(self.layer, inputs)
         a = tf.cast(a, tf.float32)
@@ -119,7 +121,7 @@ class LayerSpec:
         """`d`, the gradient w.r.t. `z`, laid out `(batch, T, n_out)` to match `input_rows`."""
         if self.equation is not None:
             return self._einsum_rows(delta, self.equation[2], _kernel_dims(self.equation, "out"))
-        return tf.reshape(delta, [tf.shape(delta)[0], -1, delta.shape[-1]])
+        return _as_rows(delta, delta.shape[-1])
 
     def _einsum_rows(self, tensor: tf.Tensor, subscripts: str, kernel_dims: str) -> tf.Tensor:
         assert self.equation is not None
@@ -130,7 +132,7 @@ class LayerSpec:
         order = [expanded[0]] + positions + list(kernel_dims)
         moved = tf.transpose(tensor, [expanded.index(c) for c in order])
         width = int(np.prod([tensor.shape[expanded.index(c)] for c in kernel_dims]))
-        return tf.reshape(moved, [tf.shape(tensor)[0], -1, width])
+        return _as_rows(moved, width)
 
     def kernel_gradient(self, gradient: tf.Tensor) -> list[tf.Tensor]:
         """Split `G` `(batch, n_in, n_out)` into the variables' per-example gradients, flattened."""
@@ -149,6 +151,14 @@ class LayerSpec:
         assert self.equation is not None
         shape = dict(zip(self.equation[1], self.kernel.shape))
         return [int(shape[c]) for c in _kernel_dims(self.equation, "in") + _kernel_dims(self.equation, "out")]
+
+
+def _as_rows(tensor: tf.Tensor, width: int) -> tf.Tensor:
+    """`tensor` `(batch, ...)` as `(batch, T, width)`, with `T` static whenever the non-batch axes
+    are (traced code decides contraction orders from it, see `kronecker_factors.rotate_first`)."""
+    rest = tensor.shape[1:]
+    positions = int(np.prod(rest)) // int(width) if rest.is_fully_defined() else -1
+    return tf.reshape(tensor, [tf.shape(tensor)[0], positions, width])
 
 
 def _expand_ellipsis(subscripts: str, count: int) -> str:
@@ -193,6 +203,31 @@ def _parse_einsum(layer: Any) -> tuple[str, str, str] | None:
     return inputs, kernel, outputs
 
 
+def _shifted_patches_apply(layer: Any) -> bool:
+    return (
+        layer.rank == 2
+        and tuple(layer.strides) == (1, 1)
+        and tuple(layer.dilation_rate) == (1, 1)
+        and layer.padding in ("same", "valid")
+    )
+
+
+def _shifted_patches(layer: Any, inputs: tf.Tensor, bias: bool) -> tf.Tensor:
+    """The patches of a stride-1 `Conv2D` (with the bias's 1 when `bias`), `(batch, T, n_in)`, as
+    one concatenation of shifted slices of the padded input (about twice as fast as
+    `extract_patches` on CPU, and no second copy for the bias column)."""
+    kh, kw = (int(k) for k in layer.kernel_size)
+    if layer.padding == "same":  # TensorFlow's split: the odd pixel after
+        pad_h, pad_w = ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2)
+        inputs = tf.pad(inputs, [[0, 0], list(pad_h), list(pad_w), [0, 0]])
+    out_h, out_w = int(inputs.shape[1]) - kh + 1, int(inputs.shape[2]) - kw + 1
+    parts = [inputs[:, u : u + out_h, v : v + out_w, :] for u in range(kh) for v in range(kw)]
+    if bias:
+        parts.append(tf.ones_like(inputs[:, :out_h, :out_w, :1]))
+    patches = tf.concat(parts, axis=3)
+    return _as_rows(patches, patches.shape[-1])
+
+
 def _patches(layer: Any, inputs: tf.Tensor) -> tf.Tensor:
     """Unfolded convolution patches `(batch, locations, k_h * k_w * c_in)` in the kernel's order."""
     if layer.rank == 1:
@@ -212,7 +247,7 @@ def _patches(layer: Any, inputs: tf.Tensor) -> tf.Tensor:
     patches = tf.image.extract_patches(
         inputs, sizes=(1, *sizes, 1), strides=(1, *strides, 1), rates=(1, *rates, 1), padding=padding
     )
-    return tf.reshape(patches, [tf.shape(patches)[0], -1, patches.shape[-1]])
+    return _as_rows(patches, patches.shape[-1])
 
 
 def _plain(layer: Any) -> bool:
