@@ -124,6 +124,10 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         query_rank: if set, `factored_scoring` keeps a rank-`query_rank` SVD of each query's
             preconditioned gradient per layer instead of the full matrix.
         factors_path: `.npz` file: loaded (if it exists and its fingerprint matches) or written.
+        regularization: add the watched weights' own L2 regularizers (default True, as every
+            solver): a layer's `R` (over its `(in, out)` matrix) enters as the diagonal of
+            `(Q_A (x) Q_S)^T diag(vec R) (Q_A (x) Q_S)`, `(Q_A^2)^T R Q_S^2`, exact when `R` is
+            uniform over the layer (e.g. an L2 on a kernel without bias); other weights add `r`.
     """
 
     corrected = False
@@ -138,8 +142,9 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         seed: int = 0,
         query_rank: int | None = None,
         factors_path: str | os.PathLike[str] | None = None,
+        regularization: bool = True,
     ) -> None:
-        super().__init__(influence_model, train_dataset, 0.0)
+        super().__init__(influence_model, train_dataset, 0.0, regularization)
         self.damping_value = None if damping is None else check_non_negative("damping", damping)
         self.damping_fraction = check_non_negative("damping_fraction", damping_fraction)
         if fisher not in FISHERS:
@@ -175,12 +180,32 @@ class KroneckerIHVP(InverseHessianVectorProduct):
             self.layers, self.diagonals = load_factors(
                 factors_path, expected, len(self.capture.specs), len(self.capture.others)
             )
+        else:
+            self._fit()
+            if factors_path is not None:
+                save_factors(
+                    factors_path,
+                    self.layers,
+                    self.diagonals,
+                    fingerprint(influence_model, self.train_dataset, settings),
+                )
+        self._add_regularization()
+
+    def _add_regularization(self) -> None:
+        """Fold `regularization_diagonal` into the eigenvalues (see `regularization`; the saved
+        factors hold the data's curvature only)."""
+        r = self.regularization_diagonal
+        if r is None:
             return
-        self._fit()
-        if factors_path is not None:
-            save_factors(
-                factors_path, self.layers, self.diagonals, fingerprint(influence_model, self.train_dataset, settings)
-            )
+        for spec, factors in zip(self.capture.specs, self.layers):
+            matrix = self.layout.to_matrices(r[None, :], spec)[0]
+            if matrix.any():
+                rotated_in = matrix if factors.q_in is None else (factors.q_in**2).T @ matrix
+                factors.eigenvalues = factors.eigenvalues + rotated_in @ factors.q_out**2
+        self.diagonals = [
+            (diagonal + self.layout.other_slice(r[None, :], v)[0], damping)
+            for v, (diagonal, damping) in zip(self.capture.others, self.diagonals)
+        ]
 
     # -- fitting -------------------------------------------------------------------------------
 
