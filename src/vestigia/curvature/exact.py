@@ -95,7 +95,8 @@ class ExactIHVP(InverseHessianVectorProduct):
         self.spectrum: SpectrumReport
         self._woodbury: WoodburyInverse | None = None
         self._cholesky: np.ndarray | None = None
-        self._inv32 = self._h32 = None
+        self._inv32: np.ndarray | None = None
+        self._h32: tf.Tensor | None = None
         hessian: np.ndarray | DenseFactors
         if train_hessian is not None:
             hessian = np.array(train_hessian, dtype=np.float64)
