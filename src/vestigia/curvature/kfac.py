@@ -44,17 +44,16 @@ from vestigia.curvature.kronecker_factors import (
 from vestigia.curvature.kronecker_scoring import KroneckerScoring
 from vestigia.data.dataset import Batch, iterate_batches
 from vestigia.errors import InvalidDataError, check_non_negative, check_positive_int
-from vestigia.gradients.fisher_labels import supports_sampling
+from vestigia.gradients.fisher_labels import FISHERS, batch_seed, supports_sampling, unweighting
 from vestigia.gradients.layer_capture import Captured, LayerCapture
 from vestigia.gradients.layer_kinds import LayerSpec
 from vestigia.model.influence_model import BaseInfluenceModel
 from vestigia.progress import known_length, track
 from vestigia.store import fingerprint
 
-FISHERS = ("true", "empirical")
 
-
-def _batch_weights(batch: Batch) -> tf.Tensor:
+def batch_weights(batch: Batch) -> tf.Tensor:
+    """The batch's sample weights `(batch,)` float32 (ones when it has none)."""
     return tf.ones([batch.size], tf.float32) if batch.weights is None else tf.cast(batch.weights, tf.float32)
 
 
@@ -219,7 +218,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         sampled = self.fisher == "true"
 
         def rescaled(captured: Captured, weights: tf.Tensor) -> Any:
-            scale = tf.math.rsqrt(tf.maximum(weights, 1e-30)) * tf.cast(weights > 0, tf.float32)
+            scale = unweighting(weights)
             deltas = [d * scale[:, None, None] for d in captured.deltas]
             others = [g * scale[:, None] for g in captured.others]
             return reducer(captured._replace(deltas=deltas, others=others), weights)
@@ -228,10 +227,10 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         batches = iterate_batches(self.train_dataset, self.model.process_batch_for_loss_fn, "train_dataset")
         total = known_length(self.train_dataset)
         for index, batch in enumerate(track(batches, "Kronecker factors (batches)", total)):
-            weights = _batch_weights(batch)
+            weights = batch_weights(batch)
             args = [batch.inputs, batch.targets, weights]
             if sampled:
-                args.append(tf.constant(self.seed * 1_000_003 + index, tf.int32))
+                args.append(batch_seed(self.seed, index))
             yield batch.size, run(*args, weights)
 
     def _fit(self) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.curvature.kfac import batch_weights
 from vestigia.curvature.kronecker_factors import (
     LayerFactors,
     batch_covariances,
@@ -41,12 +42,8 @@ from vestigia.curvature.kronecker_factors import (
 )
 from vestigia.data.dataset import Batch
 from vestigia.errors import InvalidDataError, check_non_negative
+from vestigia.gradients.fisher_labels import FISHERS, batch_seed, unweighting
 from vestigia.model.influence_model import BaseInfluenceModel
-
-FISHERS = ("true", "empirical")
-
-# As `KroneckerIHVP`: batch `b` of the true Fisher draws its labels with seed `seed * _SEED_STRIDE + b`.
-_SEED_STRIDE = 1_000_003
 
 
 class ProjectedKFAC:
@@ -96,11 +93,10 @@ class ProjectedKFAC:
         n, total_weight = 0, 0.0
         for index, batch in enumerate(batches):
             model.check_inputs(batch.inputs, batch.source)
-            weights = tf.ones([batch.size]) if batch.weights is None else tf.cast(batch.weights, tf.float32)
-            weights = tf.reshape(weights, [-1])
+            weights = tf.reshape(batch_weights(batch), [-1])
             args = [batch.inputs, batch.targets, weights]
             if sampled:
-                args.append(tf.constant(int(seed) * _SEED_STRIDE + index, tf.int32))
+                args.append(batch_seed(seed, index))
             covariances, squares, weight = run(*args, weights)
             for i, (cov_in, cov_out) in enumerate(covariances):
                 sums_in[i] = sums_in[i] + cov_in.numpy().astype(np.float64)
@@ -147,7 +143,7 @@ def _statistics(captured: Any, weights: tf.Tensor) -> Any:
     `sum_i w_i a~ a~^T / T` and `sum_i w_i d~0 d~0^T` (`d~0` the gradient of the unweighted loss),
     the other block's `sum_i w_i phi0^2`, and `sum_i w_i`."""
     root = tf.sqrt(weights)
-    unweight = tf.math.rsqrt(tf.maximum(weights, 1e-30)) * tf.cast(weights > 0, tf.float32)
+    unweight = unweighting(weights)
     inputs = [a * root[:, None, None] for a in captured.inputs]
     deltas = [d * unweight[:, None, None] for d in captured.deltas]
     covariances = batch_covariances(inputs, deltas, [False] * len(inputs))

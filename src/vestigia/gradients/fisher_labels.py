@@ -26,6 +26,22 @@ SUPPORTED = (
 )
 
 
+FISHERS = ("true", "empirical")  # labels sampled from the model, or the given ones
+SEED_STRIDE = 1_000_003
+
+
+def batch_seed(seed: int, index: int) -> tf.Tensor:
+    """The label-sampling seed of training batch `index`: `seed * SEED_STRIDE + index` (int32), so
+    that every pass over the data (and every statistic fitted on it) draws the same labels."""
+    return tf.constant(int(seed) * SEED_STRIDE + index, tf.int32)
+
+
+def unweighting(weights: tf.Tensor) -> tf.Tensor:
+    """`1 / sqrt(w_i)` where `w_i > 0`, else 0, `(batch,)`: the captured gradients of `w_i l_i`
+    times it have second moments that carry `w_i` once, as the weighted mean Fisher does."""
+    return tf.math.rsqrt(tf.maximum(weights, 1e-30)) * tf.cast(weights > 0, tf.float32)
+
+
 def supports_sampling(loss_function: Any) -> bool:
     """True if labels can be sampled for `loss_function` (one of `SUPPORTED`)."""
     return isinstance(loss_function, SUPPORTED)
