@@ -111,6 +111,28 @@ def test_ekfac_eigenvalues_inverse_and_scores_against_dense_numpy() -> None:
     assert_close(calculator.self_influence(_dataset(x, y)), dense_self, RTOL)
 
 
+@pytest.mark.parametrize(("fraction", "selected"), [(0.5, [0, 2, 4]), (0.25, [0, 4]), (1 / 3, [0, 3])])
+def test_ekfac_refit_on_an_evenly_spaced_share_of_batches(fraction: float, selected: list[int]) -> None:
+    """`refit_fraction`: the eigenbasis from every batch (as full EK-FAC), the eigenvalues the mean
+    of `(K^T g_i)^2` over the examples of the selected batches only (every `1/f`-th from batch 0)."""
+    model = whole_models.mlp()
+    x, y = _data(80)  # 5 batches of 16
+    im = _quiet_model(model, _logits_loss())
+    full = EKFACIHVP(im, _dataset(x, y), fisher="empirical")
+    part = EKFACIHVP(im, _dataset(x, y), fisher="empirical", refit_fraction=fraction)
+    rows = np.concatenate([np.arange(16 * b, 16 * b + 16) for b in selected])
+    grads = loop_gradients(model, im.weights, im.loss_function, x[rows], y[rows])
+    start = 0
+    for whole, factors in zip(full.layers, part.layers):
+        np.testing.assert_array_equal(factors.q_in, whole.q_in)
+        size = factors.eigenvalues.size
+        expected = np.mean((grads[:, start : start + size] @ np.kron(factors.q_in, factors.q_out)) ** 2, axis=0)
+        assert_close(factors.eigenvalues, expected.reshape(factors.eigenvalues.shape), RTOL)
+        start += size
+    with pytest.raises(ValueError, match="refit_fraction=0"):
+        EKFACIHVP(im, _dataset(x, y), refit_fraction=0)
+
+
 def _patches(x: np.ndarray, size: int, stride: int, dilation: int, padding: str) -> np.ndarray:
     """Explicit loops: `(n, locations, size * size * c)` patches of `x` `(n, h, w, c)`, as TF pads."""
     n, h, w, c = x.shape
@@ -223,6 +245,8 @@ def test_factors_saved_and_loaded_with_fingerprint(tmp_path) -> None:  # type: i
         EKFACIHVP(im, _dataset(x[:20], y[:20]), factors_path=path)
     with pytest.raises(InvalidDataError, match="settings damping_fraction"):
         EKFACIHVP(im, _dataset(x, y), factors_path=path, damping_fraction=0.5)
+    with pytest.raises(InvalidDataError, match="refit_fraction"):
+        EKFACIHVP(im, _dataset(x, y), factors_path=path, refit_fraction=0.5)
     model.layers[0].kernel.assign(model.layers[0].kernel + 1.0)
     with pytest.raises(InvalidDataError, match="model weights"):
         EKFACIHVP(im, _dataset(x, y), factors_path=path)

@@ -169,15 +169,16 @@ def _first_order(solver: str, normalize: bool = False, all_layers: bool = False)
     return build
 
 
-def kronecker(solver: str, fisher: str = "true") -> Callable[[Any, Context], Any]:
+def kronecker(solver: str, fisher: str = "true", **solver_options: Any) -> Callable[[Any, Context], Any]:
     """K-FAC / EK-FAC over every layer, by name (`cls` is only the availability check of the
     solver class): true Fisher (seeded sampled labels; or `fisher="empirical"`, the given labels),
-    the setting's damping on every layer. `kronfluence_side_by_side.py` builds its rows with it."""
+    the setting's damping on every layer, and `solver_options` (e.g. `refit_fraction`).
+    `kronfluence_side_by_side.py` builds its rows with it."""
 
     def build(cls: Any, c: Context) -> Any:
         from vestigia import FirstOrderInfluenceCalculator
 
-        options = {"damping": c.setting.damping, "seed": c.setting.seed, "fisher": fisher}
+        options = {"damping": c.setting.damping, "seed": c.setting.seed, "fisher": fisher, **solver_options}
         return FirstOrderInfluenceCalculator(c.influence_model(True), c.train, solver, **options)
 
     return build
@@ -278,6 +279,7 @@ METHODS: list[Method] = [
     Method("Influence CG (all layers)", "FirstOrderInfluenceCalculator", _first_order("cgd", all_layers=True)),
     Method("Influence LiSSA (all layers)", "FirstOrderInfluenceCalculator", _first_order("lissa", all_layers=True)),
     Method("EK-FAC (all layers)", "EKFACIHVP", kronecker("ekfac")),
+    Method("EK-FAC refit 1/4 (all layers)", "EKFACIHVP", kronecker("ekfac", refit_fraction=0.25)),
     Method("K-FAC (all layers)", "KFACIHVP", kronecker("kfac")),
     Method("Arnoldi", "ArnoldiInfluenceCalculator", _arnoldi(False)),
     Method("Arnoldi (all layers)", "ArnoldiInfluenceCalculator", _arnoldi(True)),

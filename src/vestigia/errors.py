@@ -44,6 +44,17 @@ def check_non_negative(name: str, value: float) -> float:
     return number
 
 
+def check_fraction(name: str, value: Any) -> float:
+    """Return `value` as a float if it is a number in (0, 1], else raise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"`{name}` must be a number in (0, 1]. Received: {name}={_describe(value)}") from None
+    if not 0.0 < number <= 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1]. Received: {name}={value!r}")
+    return number
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """Return `value` as an int if it is an integer >= 1, else raise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

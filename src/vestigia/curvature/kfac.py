@@ -14,8 +14,9 @@ loss), or the empirical Fisher (`fisher="empirical"`, the given labels). Damping
 `lambda_L = damping_fraction * mean(Lambda_L)` per layer (default 0.1), or `damping` for all.
 
 Factors cost one pass over the training data (K-FAC) or two (EK-FAC: covariances, then the
-eigenvalue refit); with `factors_path` they are saved with the fingerprint of the model's
-weights, the layers, the data and the settings, and loaded (refusing a mismatch) next time.
+eigenvalue refit, over every batch or, with `refit_fraction < 1`, an evenly spaced share);
+with `factors_path` they are saved with the fingerprint of the model's weights, the layers, the
+data and the settings, and loaded (refusing a mismatch) next time.
 `factored_scoring()` scores without forming `(n, n_params)` gradients (see
 `vestigia.curvature.kronecker_scoring`); `FirstOrderInfluenceCalculator` uses it.
 """
@@ -43,7 +44,7 @@ from vestigia.curvature.kronecker_factors import (
 )
 from vestigia.curvature.kronecker_scoring import KroneckerScoring
 from vestigia.data.dataset import Batch, iterate_batches
-from vestigia.errors import InvalidDataError, check_non_negative, check_positive_int
+from vestigia.errors import InvalidDataError, check_fraction, check_non_negative, check_positive_int
 from vestigia.gradients.fisher_labels import FISHERS, batch_seed, supports_sampling, unweighting
 from vestigia.gradients.layer_capture import Captured, LayerCapture
 from vestigia.gradients.layer_kinds import LayerSpec
@@ -55,6 +56,13 @@ from vestigia.store import fingerprint
 def batch_weights(batch: Batch) -> tf.Tensor:
     """The batch's sample weights `(batch,)` float32 (ones when it has none)."""
     return tf.ones([batch.size], tf.float32) if batch.weights is None else tf.cast(batch.weights, tf.float32)
+
+
+def refit_selects(index: int, fraction: float) -> bool:
+    """Whether batch `index` is in the evenly spaced `fraction` of batches that starts at batch 0
+    (a systematic sample, every `1/f`-th batch): `ceil((i + 1) f) > ceil(i f)`, with a margin
+    of 1e-9 against rounding at whole numbers."""
+    return fraction >= 1.0 or np.ceil((index + 1) * fraction - 1e-9) > np.ceil(index * fraction - 1e-9)
 
 
 def _summed_patch_covariances(spec: LayerSpec, calls: list[tf.Tensor], scale: tf.Tensor) -> tf.Tensor:
@@ -130,6 +138,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
     """
 
     corrected = False
+    refit_fraction = 1.0
 
     def __init__(
         self,
@@ -174,6 +183,8 @@ class KroneckerIHVP(InverseHessianVectorProduct):
             "damping_fraction": self.damping_fraction,
             "layers": [[s.name, s.kind, s.n_in, s.n_out] for s in self.capture.specs],
         }
+        if self.refit_fraction < 1.0:
+            settings["refit_fraction"] = self.refit_fraction
         if factors_path is not None and os.path.exists(factors_path):
             expected = fingerprint(influence_model, self.train_dataset, settings)
             self.layers, self.diagonals = load_factors(
@@ -208,8 +219,9 @@ class KroneckerIHVP(InverseHessianVectorProduct):
 
     # -- fitting -------------------------------------------------------------------------------
 
-    def _passes(self, reducer: Any) -> Any:
-        """Yield `reducer(captured)` per training batch, with sampled labels for the true Fisher.
+    def _passes(self, reducer: Any, fraction: float = 1.0) -> Any:
+        """Yield `reducer(captured)` per training batch (only those `refit_selects(i, fraction)`),
+        with sampled labels for the true Fisher.
 
         The curvature is the *weighted mean* `(1/n) sum_i w_i F_i` (as `H` weighs the losses),
         while the captured gradients of `w_i l_i` carry `w_i`: they are divided by `sqrt(w_i)`, so
@@ -227,6 +239,8 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         batches = iterate_batches(self.train_dataset, self.model.process_batch_for_loss_fn, "train_dataset")
         total = known_length(self.train_dataset)
         for index, batch in enumerate(track(batches, "Kronecker factors (batches)", total)):
+            if not refit_selects(index, fraction):
+                continue
             weights = batch_weights(batch)
             args = [batch.inputs, batch.targets, weights]
             if sampled:
@@ -266,7 +280,7 @@ class KroneckerIHVP(InverseHessianVectorProduct):
         bases = [eigenbasis(s.name, a / total_weight, d / n) for s, a, d in zip(specs, sums_in, sums_out)]
         eigenvalues = [kfac for _, _, kfac in bases]
         if self.corrected:
-            eigenvalues = self._refit_eigenvalues(bases, n)
+            eigenvalues = self._refit_eigenvalues(bases)
         self.layers = [
             LayerFactors(s.name, q_in, q_out, lam, layer_damping(lam, self.damping_value, self.damping_fraction))
             for s, (q_in, q_out, _), lam in zip(specs, bases, eigenvalues)
@@ -278,10 +292,9 @@ class KroneckerIHVP(InverseHessianVectorProduct):
                 eigenbasis(v.path, diagonal, np.zeros((1, 1)))  # raises, naming the weight
             self.diagonals.append((diagonal, layer_damping(diagonal, self.damping_value, self.damping_fraction)))
 
-    def _refit_eigenvalues(
-        self, bases: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]], n: int
-    ) -> list[np.ndarray]:
-        """EK-FAC: `Lambda = E_i[(Q_A^T G_i Q_S)^2]` per layer (a second pass)."""
+    def _refit_eigenvalues(self, bases: list[tuple[np.ndarray | None, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        """EK-FAC: `Lambda = E_i[(Q_A^T G_i Q_S)^2]` per layer (a second pass), the mean over the
+        examples of the batches `refit_selects`."""
         rotations = [
             (None if q_in is None else tf.constant(q_in, tf.float32), tf.constant(q_out, tf.float32))
             for q_in, q_out, _ in bases
@@ -294,7 +307,9 @@ class KroneckerIHVP(InverseHessianVectorProduct):
             ]
 
         totals = [np.zeros_like(kfac) for _, _, kfac in bases]
-        for _, parts in self._passes(squares):
+        n = 0
+        for size, parts in self._passes(squares, self.refit_fraction):
+            n += size
             for i, part in enumerate(parts):
                 totals[i] += part.numpy()
         result = [total / n for total in totals]
@@ -343,7 +358,13 @@ class KFACIHVP(KroneckerIHVP):
 class EKFACIHVP(KroneckerIHVP):
     """EK-FAC: K-FAC's eigenbasis, eigenvalues refitted to `E_i[(Q_A^T G_i Q_S)^2]`. Two passes.
 
-    Arguments as for `KroneckerIHVP`.
+    Arguments as for `KroneckerIHVP`, and:
+        refit_fraction: the share of training batches whose per-example gradients refit the
+            eigenvalues, evenly spaced from the first batch (every `1/f`-th; default 1.0: all,
+            the exact EK-FAC). The refit is then the same mean over a systematic subsample: its
+            pass costs `f` as much (on a wide conv layer the refit's rotations, `T in^2` per
+            example, are the largest cost of the factors). The covariances and the eigenbasis
+            always use every batch.
 
     References:
         George et al., "Fast approximate natural gradient descent in a Kronecker-factored
@@ -352,3 +373,14 @@ class EKFACIHVP(KroneckerIHVP):
     """
 
     corrected = True
+
+    def __init__(
+        self,
+        influence_model: BaseInfluenceModel,
+        train_dataset: Any,
+        *args: Any,
+        refit_fraction: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        self.refit_fraction = check_fraction("refit_fraction", refit_fraction)
+        super().__init__(influence_model, train_dataset, *args, **kwargs)

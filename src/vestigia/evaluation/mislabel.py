@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from vestigia.errors import InvalidDataError
+from vestigia.errors import InvalidDataError, check_fraction
 from vestigia.evaluation.stats import as_finite_array, average_ranks
 
 Ties = Literal["average", "index"]
@@ -55,16 +55,6 @@ def _scores_and_labels(scores: Any, is_mislabeled: Any) -> tuple[np.ndarray, np.
 def _check_ties(ties: str) -> None:
     if ties not in ("average", "index"):
         raise ValueError(f"`ties` must be 'average' or 'index'. Received: ties={ties!r}")
-
-
-def _check_fraction(fraction: Any) -> float:
-    try:
-        value = float(fraction)
-    except (TypeError, ValueError):
-        raise TypeError(f"`fraction` must be a number in (0, 1]. Received: fraction={fraction!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"`fraction` must be in (0, 1]. Received: fraction={fraction!r}")
-    return value
 
 
 def detection_curve(scores: np.ndarray, is_mislabeled: np.ndarray, ties: Ties = "average") -> np.ndarray:
@@ -108,7 +98,7 @@ def detection_curve(scores: np.ndarray, is_mislabeled: np.ndarray, ties: Ties = 
 
 def _found_at(curve: np.ndarray, fraction: float) -> float:
     """Curve value after inspecting the top `ceil(fraction * n)` examples."""
-    value = _check_fraction(fraction)
+    value = check_fraction("fraction", fraction)
     k = max(1, math.ceil(round(value * curve.size, 9)))  # round: 0.07 * 100 must give 7, not 8
     return float(curve[k - 1])
 

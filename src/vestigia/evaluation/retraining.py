@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 
-from vestigia.errors import InvalidDataError, NonFiniteError, check_positive_int
+from vestigia.errors import InvalidDataError, NonFiniteError, check_fraction, check_positive_int
 from vestigia.evaluation.lds import correct_class_margin
 from vestigia.evaluation.storage import RetrainingStore, callable_name, data_fingerprint
 from vestigia.progress import bar
@@ -76,8 +76,7 @@ def random_subsets(n_train: int, n_subsets: int = 50, fraction: float = 0.5, see
     """
     check_positive_int("n_train", n_train)
     check_positive_int("n_subsets", n_subsets)
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"`fraction` must be in (0, 1]. Received: fraction={fraction!r}")
+    fraction = check_fraction("fraction", fraction)
     k = int(math.floor(fraction * n_train + 0.5))
     if k < 1:
         raise ValueError(f"`fraction * n_train` must round to >= 1. Received: fraction={fraction}, n_train={n_train}")
