@@ -172,13 +172,15 @@ def _first_order(solver: str, normalize: bool = False, all_layers: bool = False)
 def kronecker(solver: str, fisher: str = "true", **solver_options: Any) -> Callable[[Any, Context], Any]:
     """K-FAC / EK-FAC over every layer, by name (`cls` is only the availability check of the
     solver class): true Fisher (seeded sampled labels; or `fisher="empirical"`, the given labels),
-    the setting's damping on every layer, and `solver_options` (e.g. `refit_fraction`).
+    the setting's damping on every layer (the model's own L2 left out, as `_damping`: the damping
+    is that L2's Hessian), and `solver_options` (e.g. `refit_fraction`).
     `kronfluence_side_by_side.py` builds its rows with it."""
 
     def build(cls: Any, c: Context) -> Any:
         from vestigia import FirstOrderInfluenceCalculator
 
-        options = {"damping": c.setting.damping, "seed": c.setting.seed, "fisher": fisher, **solver_options}
+        options = {"damping": c.setting.damping, "regularization": False, "seed": c.setting.seed, "fisher": fisher}
+        options.update(solver_options)
         return FirstOrderInfluenceCalculator(c.influence_model(True), c.train, solver, **options)
 
     return build
@@ -318,6 +320,7 @@ METHODS: list[Method] = [
 # The methods of issue 11 (whole-model attribution); the others are "the methods available before".
 NEW_METHODS = (
     "EK-FAC (all layers)",
+    "EK-FAC refit 1/4 (all layers)",
     "K-FAC (all layers)",
     "TRAK-1 (all layers)",
     "TRAK-10 (all layers)",
