@@ -71,8 +71,10 @@ def class_block_preconditioner(inverses: np.ndarray, invariant_shift: np.ndarray
     return apply
 
 
-def nystrom_approximation(operator: Preconditioner, n: int, rank: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`(U (n, r), lam (r,))`, `r <= rank`, with `U diag(lam) U^T` the randomised Nystrom
+def nystrom_approximation(
+    operator: Preconditioner, n: int, rank: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """`(U (n, r), lam (r,), lam_l)`, `r <= rank`, with `U diag(lam) U^T` the randomised Nystrom
     approximation `Y (Omega^T Y)^+ Y^T`, `Y = A Omega`, of a positive semi-definite `A` (rows to
     rows), `Omega` `(n, rank)` orthonormal Gaussian: one product of `A` with `rank` vectors.
 
