@@ -123,8 +123,8 @@ class IterativeIHVP(InverseHessianVectorProduct):
         grams = np.zeros((n_out, n_in, n_in))
         curvatures = []
         for a, curvature in self._factors:
-            curvatures.append(curvature.numpy().astype(np.float64))
-            weights = np.diagonal(curvatures[-1], axis1=1, axis2=2)
+            curvatures.append(np.asarray(curvature))  # float32, no copy: only read for its row sums
+            weights = np.diagonal(curvatures[-1], axis1=1, axis2=2).astype(np.float64)
             grams += class_grams(a.numpy().astype(np.float64), weights)
         shift = np.broadcast_to(np.asarray(self._shift(), np.float64), (self.n_params,)).reshape(n_in, n_out)
         blocks = class_block_factors(grams, self.n_train, shift)

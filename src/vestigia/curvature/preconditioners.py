@@ -48,8 +48,8 @@ def has_class_invariance(curvatures: list[np.ndarray], shift: np.ndarray, rtol: 
     class-mean directions `w 1^T` are an invariant subspace of `H`, with `H = S` on it."""
     if shift.shape[1] < 2 or not np.all(shift == shift[:, :1]):
         return False
-    scale = max((float(np.abs(m).max(initial=0.0)) for m in curvatures), default=0.0)
-    return all(float(np.abs(m.sum(axis=2)).max(initial=0.0)) <= rtol * scale for m in curvatures)
+    scale = max((max(float(m.max(initial=0.0)), -float(m.min(initial=0.0))) for m in curvatures), default=0.0)
+    return all(float(np.abs(m.sum(axis=2, dtype=np.float64)).max(initial=0.0)) <= rtol * scale for m in curvatures)
 
 
 def class_block_preconditioner(inverses: np.ndarray, invariant_shift: np.ndarray | None = None) -> Preconditioner:
