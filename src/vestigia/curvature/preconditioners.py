@@ -34,8 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
-from vestigia.curvature.woodbury import class_block_apply
+import tensorflow as tf
 
 Preconditioner = Callable[[np.ndarray], np.ndarray]
 ROW_SUM_RTOL = 1e-5  # `M_i 1 = 0` to float32 round-off of the curvature (softmax: ~1e-8 of max|M|)
@@ -55,16 +54,28 @@ def has_class_invariance(curvatures: list[np.ndarray], shift: np.ndarray, rtol: 
 def class_block_preconditioner(inverses: np.ndarray, invariant_shift: np.ndarray | None = None) -> Preconditioner:
     """Block-Jacobi `D^-1` from the inverse class blocks `inverses` `(out, in, in)`; with
     `invariant_shift` (`s` `(in,)`, the class-uniform shift, given only when `has_class_invariance`
-    holds), `Z S^-1 Z + (I - Z) D^-1 (I - Z)` as the module docstring says."""
-    if invariant_shift is None:
-        return lambda rows: class_block_apply(inverses, rows)
+    holds), `Z S^-1 Z + (I - Z) D^-1 (I - Z)` as the module docstring says.
+
+    The blocks are applied in float32 (one batched TensorFlow matrix product, ~4x faster than
+    float64 on a CPU), the precision of the solvers' HVPs: the preconditioner steers the path,
+    while the stopping test stays on the residual of `H` itself.
+    """
     n_out, n_in = inverses.shape[:2]
+    blocks = tf.constant(inverses, tf.float32)
+
+    def block_apply(rows: np.ndarray) -> np.ndarray:
+        by_class = tf.constant(rows.reshape(len(rows), n_in, n_out).transpose(2, 0, 1), tf.float32)  # (out, m, in)
+        solved = tf.matmul(by_class, blocks).numpy().astype(np.float64)
+        return solved.transpose(1, 2, 0).reshape(rows.shape)
+
+    if invariant_shift is None:
+        return block_apply
     inverse_shift = 1.0 / np.asarray(invariant_shift, np.float64)[None, :, None]
 
     def apply(rows: np.ndarray) -> np.ndarray:
         shaped = rows.reshape(len(rows), n_in, n_out)
         mean = shaped.mean(axis=2, keepdims=True)
-        solved = class_block_apply(inverses, (shaped - mean).reshape(rows.shape)).reshape(shaped.shape)
+        solved = block_apply((shaped - mean).reshape(rows.shape)).reshape(shaped.shape)
         solved -= solved.mean(axis=2, keepdims=True)
         return (solved + mean * inverse_shift).reshape(rows.shape)
 
