@@ -205,7 +205,10 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
         damping: added to `H` (>= 0). `H + damping I` must be positive definite on the vectors'
             span; with `damping = 0` on a singular `H`, CG returns the minimum-norm solution
             when started from zero and the vectors lie in the range of `H`.
-        tol: relative residual at which a right-hand side stops.
+        tol: relative residual at which a right-hand side stops. A quadratic form `v^T H^-1 v`
+            (self-influence) read from CG's iterate `x_k` is low by exactly `||x_k - x*||_H^2`,
+            second order in the residual: on MNIST logistic regression tol 1e-2 already gives
+            self-influence within 5e-5 of the largest value (tol 1e-3: 6e-7).
         atol: absolute residual at which a right-hand side stops.
         regularization: include the watched weights' L2 regularizers in `H` (default True).
         preconditioner: None (plain CG); "block-jacobi": the exact inverse of the class-diagonal
