@@ -123,16 +123,19 @@ def kronecker_hessian_products(factors: Sequence[tuple[tf.Tensor, tf.Tensor]], v
     """`sum_i ((a_i a_i^T) (x) M_i) v` over the batches' factors, for each row `v` of `vectors`.
 
     With `V` the row reshaped to `(in, out)` (the kernel's row-major order, bias last), each
-    example contributes `a_i (M_i V^T a_i)^T`: three contractions in float32 (the precision of
-    the autodiff HVP), no `(n_params, n_params)` matrix. Returns float64 `(m, in * out)`.
+    example contributes `a_i (M_i V^T a_i)^T`: with the `m` rows side by side as `(in, m * out)`,
+    two matrix products with the inputs `(batch, in)` around a batched `(out, out)` one, in float32
+    (the precision of the autodiff HVP), no `(n_params, n_params)` matrix. Returns float64 `(m, in * out)`.
     """
     n_in, n_out = int(factors[0][0].shape[1]), int(factors[0][1].shape[1])
-    shaped = tf.constant(vectors.reshape(vectors.shape[0], n_in, n_out), tf.float32)
-    total = tf.zeros(shaped.shape, tf.float32)
+    m = vectors.shape[0]
+    side_by_side = tf.constant(vectors.reshape(m, n_in, n_out).transpose(1, 0, 2).reshape(n_in, m * n_out), tf.float32)
+    total = tf.zeros((n_in, m * n_out), tf.float32)
     for a, curvature in factors:
-        projected = tf.einsum("bi,mio->bom", a, shaped)  # a_i^T V, (batch, out, m)
-        total += tf.einsum("bi,bom->mio", a, tf.matmul(curvature, projected))
-    return total.numpy().astype(np.float64).reshape(vectors.shape)
+        projected = tf.reshape(tf.matmul(a, side_by_side), (-1, m, n_out))  # a_i^T V, (batch, m, out)
+        curved = tf.matmul(projected, curvature, transpose_b=True)  # M_i V^T a_i
+        total += tf.matmul(a, tf.reshape(curved, (-1, m * n_out)), transpose_a=True)
+    return total.numpy().astype(np.float64).reshape(n_in, m, n_out).transpose(1, 0, 2).reshape(vectors.shape)
 
 
 def summed_hessian_products(

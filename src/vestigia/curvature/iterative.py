@@ -5,9 +5,11 @@ Both keep the training set's trunk features in memory (computed once), and apply
 to all right-hand sides at once, with the HVPs vectorised over the batch and over the vectors:
 every right-hand side of a call shares each pass over the data.
 
-CG takes a preconditioner (`preconditioner=`): the exact inverse of the class-diagonal blocks of
-one watched `Dense` layer ("block-jacobi"), another solver (K-FAC, EK-FAC) or a callable; PCG
-then applies `H` (and the preconditioner) only to the right-hand sides not yet converged.
+CG takes a preconditioner (`preconditioner=`, built in `vestigia.curvature.preconditioners`): the
+exact inverse of the class-diagonal blocks of one watched `Dense` layer ("block-jacobi", exact on
+the softmax's class-mean directions), a randomised Nystrom approximation of `H` from its products
+("nystrom", any model), another solver (K-FAC, EK-FAC) or a callable; PCG then applies `H` (and the
+preconditioner) only to the right-hand sides not yet converged.
 
 Both say how far they got: `last_residuals` holds `||(H + damping I) x - v|| / ||v||` per row of
 the last call, and a `ConvergenceWarning` names the rows left above the tolerance.
@@ -23,8 +25,14 @@ import numpy as np
 import tensorflow as tf
 
 from vestigia.curvature.base import InverseHessianVectorProduct, summed_hessian_products
+from vestigia.curvature.preconditioners import (
+    class_block_preconditioner,
+    has_class_invariance,
+    nystrom_approximation,
+    nystrom_preconditioner,
+)
 from vestigia.curvature.solvers import conjugate_gradient, lissa, power_iteration, stochastic_lissa
-from vestigia.curvature.woodbury import class_block_apply, class_block_factors, class_block_inverses, class_grams
+from vestigia.curvature.woodbury import class_block_factors, class_block_inverses, class_grams
 from vestigia.errors import (
     ConvergenceWarning,
     InvalidDataError,
@@ -37,7 +45,7 @@ from vestigia.errors import (
 from vestigia.model.influence_model import BaseInfluenceModel
 
 SOLVER_COPIES = 6  # float64 (m, n_params) arrays alive in a CG / LiSSA call
-PRECONDITIONERS = ("block-jacobi",)
+PRECONDITIONERS = ("block-jacobi", "nystrom")
 
 
 class IterativeIHVP(InverseHessianVectorProduct):
@@ -64,17 +72,20 @@ class IterativeIHVP(InverseHessianVectorProduct):
         self.n_train = sum(b.size for b in self._batches)
         self._factors = self._kronecker_factors()
         self.last_residuals = np.zeros(0)
+        self.class_invariant = False
 
     def _kronecker_factors(self) -> list[tuple[tf.Tensor, tf.Tensor]] | None:
-        """Per-batch Kronecker factors of `H` when one `Dense` layer is watched: HVPs then cost
-        three small contractions instead of a second-order autodiff pass."""
-        factors = []
+        """The Kronecker factors of `H` when one `Dense` layer is watched, all batches stacked into one
+        float32 pair `(a (n, in), M (n, out, out))`: HVPs then cost two large matrix products and a
+        batched small one instead of a second-order autodiff pass per batch."""
+        inputs, curvatures = [], []
         for batch in self._batches:
             pair = self.model.differentiator.dense_curvature(batch.features, batch.targets, batch.weights)
             if pair is None:
                 return None
-            factors.append((tf.cast(pair[0], tf.float32), tf.cast(pair[1], tf.float32)))
-        return factors
+            inputs.append(tf.cast(pair[0], tf.float32))
+            curvatures.append(tf.cast(pair[1], tf.float32))
+        return [(tf.concat(inputs, axis=0), tf.concat(curvatures, axis=0))]
 
     def damped_hvp64(self, vectors: np.ndarray) -> np.ndarray:
         """`(H + damping I) v` in float64 for each row of `vectors` (regularisation included)."""
@@ -83,16 +94,21 @@ class IterativeIHVP(InverseHessianVectorProduct):
 
     def batch_hvp64(self, index: int, vectors: np.ndarray) -> np.ndarray:
         """`(H_B + damping I) v` with `H_B` the mean Hessian of the `index`-th training batch only."""
-        factors = None if self._factors is None else [self._factors[index]]
         batch = self._batches[index]
+        factors = None
+        if self._factors is not None:
+            start = sum(b.size for b in self._batches[:index])
+            factors = [(a[start : start + batch.size], m[start : start + batch.size]) for a, m in self._factors]
         summed = summed_hessian_products(self.model, [batch], vectors, factors)
         return summed / batch.size + self._shift() * vectors
 
     def block_jacobi(self) -> Callable[[np.ndarray], np.ndarray]:
-        """`v -> blockdiag(H)^-1 v` over the class-diagonal blocks `H_cc = S_c + A^T diag(M[:, c, c]) A / n`
-        `(in, in)` of one watched `Dense` layer (`S` damping plus regularisation), inverted once in
-        float64 (Cholesky): the exact inverse of `H` without its class-coupling blocks, applied to
-        all rows by one batched matrix product.
+        """`v -> M^-1 v` from the class-diagonal blocks `H_cc = S_c + A^T diag(M[:, c, c]) A / n` `(in, in)`
+        of one watched `Dense` layer (`S` damping plus regularisation), inverted once in float64
+        (Cholesky) and applied to all rows by one batched matrix product: `blockdiag(H)^-1`, or, when
+        `has_class_invariance` holds (softmax cross-entropy, class-uniform shift), that on the
+        complement of the class-mean directions and the exact `S^-1` on them
+        (`vestigia.curvature.preconditioners`). `class_invariant` says which was built.
 
         Raises:
             ValueError: not one watched `Dense` layer, or a block is not positive definite.
@@ -100,13 +116,15 @@ class IterativeIHVP(InverseHessianVectorProduct):
         if self._factors is None:
             raise ValueError(
                 "preconditioner='block-jacobi' needs the class blocks of one watched Dense layer (its kernel, "
-                "then its bias); this model watches other weights. Pass preconditioner=None, a solver instance "
-                "(e.g. a K-FAC IHVP) or a callable."
+                "then its bias); this model watches other weights. Pass preconditioner='nystrom', None, a solver "
+                "instance (e.g. a K-FAC IHVP) or a callable."
             )
         n_in, n_out = int(self._factors[0][0].shape[1]), int(self._factors[0][1].shape[1])
         grams = np.zeros((n_out, n_in, n_in))
+        curvatures = []
         for a, curvature in self._factors:
-            weights = tf.linalg.diag_part(curvature).numpy().astype(np.float64)
+            curvatures.append(np.asarray(curvature))  # float32, no copy: only read for its row sums
+            weights = np.diagonal(curvatures[-1], axis1=1, axis2=2).astype(np.float64)
             grams += class_grams(a.numpy().astype(np.float64), weights)
         shift = np.broadcast_to(np.asarray(self._shift(), np.float64), (self.n_params,)).reshape(n_in, n_out)
         blocks = class_block_factors(grams, self.n_train, shift)
@@ -115,10 +133,20 @@ class IterativeIHVP(InverseHessianVectorProduct):
                 "preconditioner='block-jacobi': a class block of H + damping I is not positive definite "
                 f"(damping={self.damping:g}). Add damping."
             )
-        inverses = class_block_inverses(blocks)
-        return lambda rows: class_block_apply(inverses, rows)
+        self.class_invariant = has_class_invariance(curvatures, shift) and bool(np.all(shift > 0))
+        return class_block_preconditioner(class_block_inverses(blocks), shift[:, 0] if self.class_invariant else None)
 
-    def _preconditioner(self, preconditioner: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    def nystrom(self, rank: int, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+        """The randomised Nystrom preconditioner of `H` of rank `rank`, from one product of `H` with
+        `rank` random vectors (`vestigia.curvature.preconditioners.nystrom_preconditioner`), with
+        `mu` the smallest entry of the shift (damping plus regularisation)."""
+        mu = float(np.min(self._shift()))
+        basis, eigenvalues, smallest = nystrom_approximation(
+            lambda rows: self.damped_hvp64(rows) - mu * rows, self.n_params, rank, seed
+        )
+        return nystrom_preconditioner(basis, eigenvalues, smallest, mu)
+
+    def _preconditioner(self, preconditioner: Any, rank: int = 100) -> Callable[[np.ndarray], np.ndarray] | None:
         """The `M^-1` callable (float64 rows to rows) for a `preconditioner` argument."""
         if preconditioner is None:
             return None
@@ -128,6 +156,8 @@ class IterativeIHVP(InverseHessianVectorProduct):
             return preconditioner  # type: ignore[no-any-return]
         if preconditioner == "block-jacobi":
             return self.block_jacobi()
+        if preconditioner == "nystrom":
+            return self.nystrom(rank)
         raise ValueError(
             f"`preconditioner` must be None, one of {PRECONDITIONERS}, an InverseHessianVectorProduct or a "
             f"callable. Received: preconditioner={preconditioner!r}"
@@ -175,15 +205,24 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
         damping: added to `H` (>= 0). `H + damping I` must be positive definite on the vectors'
             span; with `damping = 0` on a singular `H`, CG returns the minimum-norm solution
             when started from zero and the vectors lie in the range of `H`.
-        tol: relative residual at which a right-hand side stops.
+        tol: relative residual at which a right-hand side stops. A quadratic form `v^T H^-1 v`
+            (self-influence) read from CG's iterate `x_k` is low by exactly `||x_k - x*||_H^2`,
+            second order in the residual: on MNIST logistic regression tol 1e-2 already gives
+            self-influence within 5e-5 of the largest value (tol 1e-3: 6e-7).
         atol: absolute residual at which a right-hand side stops.
         regularization: include the watched weights' L2 regularizers in `H` (default True).
         preconditioner: None (plain CG); "block-jacobi": the exact inverse of the class-diagonal
-            blocks of `H` (one watched `Dense` layer; see `block_jacobi`), which cuts the
-            iterations several-fold when the classes are weakly coupled; an
-            `InverseHessianVectorProduct` (e.g. K-FAC / EK-FAC) whose `solve` approximates `H^-1`;
-            or a callable mapping float64 rows `(m, n_params)` to rows. It must be symmetric
-            positive definite; it changes the path, not the answer (same `tol` on the residual).
+            blocks of `H` (one watched `Dense` layer; see `block_jacobi`), and, under softmax
+            cross-entropy with a class-uniform shift, the exact inverse on the class-mean
+            directions `w 1^T` (an invariant subspace of `H` on which block-Jacobi alone is
+            worst): about 4x fewer iterations than without that part on MNIST logistic
+            regression; "nystrom": a randomised Nystrom approximation of `H` of rank
+            `preconditioner_rank` (any model: one product of `H` with that many vectors at
+            construction; see `nystrom`); an `InverseHessianVectorProduct` (e.g. K-FAC / EK-FAC)
+            whose `solve` approximates `H^-1`; or a callable mapping float64 rows
+            `(m, n_params)` to rows. It must be symmetric positive definite; it changes the
+            path, not the answer (same `tol` on the residual).
+        preconditioner_rank: rank of the "nystrom" sketch (default 100); ignored otherwise.
 
     Attributes:
         last_iterations: iterations of the last call. last_residuals: relative residuals of
@@ -203,12 +242,14 @@ class ConjugateGradientDescentIHVP(IterativeIHVP):
         atol: float = 1e-10,
         regularization: bool = True,
         preconditioner: Any = None,
+        preconditioner_rank: int = 100,
     ) -> None:
         super().__init__(influence_model, train_dataset, damping, n_opt_iters, regularization)
         self.tol = check_non_negative("tol", tol)
         self.atol = check_non_negative("atol", atol)
         self.last_iterations = 0
-        self.preconditioner = self._preconditioner(preconditioner)
+        rank = check_positive_int("preconditioner_rank", preconditioner_rank)
+        self.preconditioner = self._preconditioner(preconditioner, rank)
 
     def solve(self, vectors: Any) -> tf.Tensor:
         rhs = self._rhs(vectors)
