@@ -214,14 +214,17 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     # -- the engine ----------------------------------------------------------------------------
 
-    def _test_sides(self, dataset: Any) -> tuple[list[tf.Tensor], list[int]]:
+    def _test_sides(self, dataset: Any) -> tuple[list[list[tf.Tensor]], list[int]]:
+        """Per component, the test-side vectors of each test batch (or block), `(batch, dim)` each,
+        and the sizes of the user's test batches. The blocks are never concatenated (that would
+        hold every test side twice): `_blocks_against` pairs each with a training side."""
         sides: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
         sizes = []
         for batch in self._blocks(dataset, "dataset_to_evaluate"):
             for c in range(self.n_components):
                 sides[c].append(self._score_test_side(batch, c))
             sizes += [part.size for part in parts_of(batch)]
-        return [tf.concat(s, axis=0) for s in sides], sizes
+        return sides, sizes
 
     def score_blocks(
         self, dataset_to_evaluate: Any, train_set: Any, store: StorePath | None = None
@@ -246,17 +249,21 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             (None, row) for row in stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
         )
 
+    def _paired_blocks(self, test_blocks: list[tf.Tensor], train_side: Any, component: int) -> np.ndarray:
+        """`_pair` of each block of test sides with one training side, stacked: `(n_test, batch)`."""
+        return np.concatenate([np.asarray(self._pair(side, train_side, component)) for side in test_blocks], axis=0)
+
     @checked_blocks
     def _blocks_against(
-        self, test_sides: list[tf.Tensor], train_set: Any, store: StorePath | None = None
+        self, test_sides: list[list[tf.Tensor]], train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
-        n_test = int(test_sides[0].shape[0]) if test_sides else 0
+        """Score blocks `(n_test, train_batch)`: each training side paired with every block of test
+        sides, the small `(test_batch, train_batch)` results stacked, components summed."""
+        n_test = sum(int(side.shape[0]) for side in test_sides[0]) if test_sides else 0
         for sizes, train_side in self._train_sides(train_set, store, n_test):
-            block = None
-            for c, test_side in enumerate(test_sides):
-                scores = self._pair(test_side, train_side[c], c)
-                block = scores if block is None else block + scores
-            block = np.asarray(block)
+            block = self._paired_blocks(test_sides[0], train_side[0], 0)
+            for c in range(1, len(test_sides)):
+                block += self._paired_blocks(test_sides[c], train_side[c], c)
             if sizes is None:
                 yield block
             else:  # one block per user's batch

@@ -145,7 +145,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
 
     def _score_train_side(self, batch: Batch, component: int) -> tf.Tensor:
         if self._factored is not None:
-            return batch  # paired by `_factored.pair`
+            return self._factored.train_side(batch)
         return self._influence_vector(batch) if self.normalize else self._gradients(batch)
 
     def _score_test_side(self, batch: Batch, component: int) -> tf.Tensor:
