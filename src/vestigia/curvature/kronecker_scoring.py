@@ -78,14 +78,18 @@ class KroneckerScoring:
         `[a, d]` for a layer with one position and low-rank queries; then the other weights'."""
         return self._train(*self._args(batch))
 
-    def pair(self, test_side: tf.Tensor, train_side: tf.Tensor) -> tf.Tensor:
-        """Scores `(n_test, batch)` of packed test sides against packed training sides."""
+    def pair(self, test_sides: list[tf.Tensor], train_side: tf.Tensor) -> np.ndarray:
+        """Scores `(n_test, batch)` of blocks of packed test sides (stacked) against packed training
+        sides. Full rank: the training side is transposed once, so that each block's GEMM is
+        `(rows, n_params) x (n_params, batch)` on contiguous rows of both (faster on CPU than a
+        `transpose_b` product)."""
         if self.rank is None:
-            return tf.matmul(test_side, train_side, transpose_b=True)
+            columns = tf.transpose(train_side)
+            return np.concatenate([tf.matmul(side, columns).numpy() for side in test_sides], axis=0)
         if self._one_position is None:  # training sides read from a store: trace one batch
             dataset, process = self._probe_data
             self.train_side(next(iterate_batches(dataset.take(1), process)))
-        return self._low_rank_pairs(test_side, train_side)
+        return np.concatenate([self._low_rank_pairs(side, train_side).numpy() for side in test_sides], axis=0)
 
     def self_influence(self, batch: Batch) -> np.ndarray:
         """`g^T H^-1 g` per example of a raw batch, `(batch,)`."""

@@ -46,6 +46,10 @@ from vestigia.store.calculator import open_calculator_store, stored_rows
 
 StorePath = str | os.PathLike[str]
 
+TEST_CHUNK_BYTES = 512 * 2**20
+"""Test-side vectors are paired with each training side in chunks of about this size (float32:
+`n_params = 1.2M` gives ~110 test examples per chunk); merging a chunk holds it twice, briefly."""
+
 
 def _n_batches(data: Any) -> int | None:
     """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
@@ -69,6 +73,14 @@ def _check_k(k: Any, available: int, what: str) -> int:
     if k > available:
         raise InvalidDataError(f"`k` must be at most the number of {what} ({available}). Received: k={k}")
     return k
+
+
+def _bytes(tensor: Any) -> int:
+    return int(np.prod(tensor.shape)) * tensor.dtype.size
+
+
+def _merged(sides: list[tf.Tensor]) -> tf.Tensor:
+    return sides[0] if len(sides) == 1 else tf.concat(sides, axis=0)
 
 
 def _column_blocks(matrix: np.ndarray, sizes: list[int]) -> tf.data.Dataset:
@@ -215,16 +227,25 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     # -- the engine ----------------------------------------------------------------------------
 
     def _test_sides(self, dataset: Any) -> tuple[list[list[tf.Tensor]], list[int]]:
-        """Per component, the test-side vectors of each test batch (or block), `(batch, dim)` each,
-        and the sizes of the user's test batches. The blocks are never concatenated (that would
-        hold every test side twice): `_blocks_against` pairs each with a training side."""
-        sides: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
+        """Per component, the test-side vectors in chunks of consecutive test examples, `(rows, dim)`
+        each, and the sizes of the user's test batches. Batches are merged into chunks of about
+        `TEST_CHUNK_BYTES` (a GEMM per chunk runs faster than one per small batch), never into one
+        tensor (that would hold every test side twice at once): `_blocks_against` pairs each chunk
+        with a training side."""
+        chunks: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
+        pending: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
         sizes = []
         for batch in self._blocks(dataset, "dataset_to_evaluate"):
             for c in range(self.n_components):
-                sides[c].append(self._score_test_side(batch, c))
+                pending[c].append(self._score_test_side(batch, c))
+                if sum(_bytes(side) for side in pending[c]) >= TEST_CHUNK_BYTES:
+                    chunks[c].append(_merged(pending[c]))
+                    pending[c] = []
             sizes += [part.size for part in parts_of(batch)]
-        return sides, sizes
+        for c in range(self.n_components):
+            if pending[c]:
+                chunks[c].append(_merged(pending[c]))
+        return chunks, sizes
 
     def score_blocks(
         self, dataset_to_evaluate: Any, train_set: Any, store: StorePath | None = None
@@ -250,7 +271,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         )
 
     def _paired_blocks(self, test_blocks: list[tf.Tensor], train_side: Any, component: int) -> np.ndarray:
-        """`_pair` of each block of test sides with one training side, stacked: `(n_test, batch)`."""
+        """`_pair` of each chunk of test sides with one training side, stacked: `(n_test, batch)`."""
         return np.concatenate([np.asarray(self._pair(side, train_side, component)) for side in test_blocks], axis=0)
 
     @checked_blocks
