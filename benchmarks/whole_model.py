@@ -32,6 +32,10 @@ per example; training step 585M): factors 3.7 epochs (capture passes 2 x 0.67, i
 self-influence 2.25, pairwise with 1,000 full-rank queries 3.1. To add a stage, append a
 function to `STAGES`.
 
+`--query-budget-gib B` holds at most `B` GiB of the queries' preconditioned gradients at once
+(`vestigia.methods.engine.TEST_SIDE_BYTES`): above it the queries are scored in groups, one pass
+over the training set each (full rank, 1,000 queries hold 4.6 GiB).
+
 `--stages pairwise_topk` times only the named stages (comma-separated); the factors are then fitted
 untimed first, or loaded from `--factors-path` (an `.npz` written on the first run, refused if the
 model, data or settings differ, see `vestigia.curvature.factor_file`).
@@ -61,6 +65,7 @@ import tensorflow as tf  # noqa: E402
 
 from vestigia import TRAK, FirstOrderInfluenceCalculator  # noqa: E402
 from vestigia.curvature import EKFACIHVP  # noqa: E402
+from vestigia.methods import engine  # noqa: E402
 from vestigia.model.influence_model import BaseInfluenceModel  # noqa: E402
 from vestigia.projection import FactoredProjection  # noqa: E402
 
@@ -174,6 +179,8 @@ def selected(names: str | None) -> list[tuple[str, Callable[[Context], str]]]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.query_budget_gib is not None:
+        engine.TEST_SIDE_BYTES = int(args.query_budget_gib * 2**30)
     ctx = Context(args)
     results: dict[str, Any] = {"n_train": args.n_train, "n_query": args.n_query, "stages": {}}
     note = stage_epoch(ctx)
@@ -235,6 +242,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated n_train values, one process each")
     parser.add_argument("--stages", type=str, default=None, help="comma-separated stages to time (default: all)")
     parser.add_argument("--factors-path", type=str, default=None, help="EK-FAC factors .npz: loaded, else saved")
+    parser.add_argument(
+        "--query-budget-gib", type=float, default=None, help="hold at most this much of the queries' sides at once"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line of results at the end")
     args = parser.parse_args()
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores", flush=True)
@@ -252,6 +262,8 @@ def main() -> None:
             command += ["--query-rank", str(args.query_rank)]
         if args.stages is not None:
             command += ["--stages", args.stages]
+        if args.query_budget_gib is not None:
+            command += ["--query-budget-gib", str(args.query_budget_gib)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         print(output, flush=True)
         rows.append(json.loads(output.split("JSON ", 1)[1]))

@@ -111,3 +111,18 @@ def test_components_in_chunks_equal_one_block(setup: dict, monkeypatch: pytest.M
     test = _batched(test_x, test_y, 3)
     assert _chunked(tracin, test) == 4
     assert_close(tracin.influence_matrix(test, setup["train"]), one_block, CHUNK_RTOL)
+
+
+def test_groups_of_queries_under_a_budget_equal_one_group(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`TEST_SIDE_BYTES` below the test sides: one pass over the training set per group of test
+    batches, the same top-k (and the test examples' order) as one group."""
+    calculator = FirstOrderInfluenceCalculator(setup["im"], setup["train"], ihvp_calculator=setup["solver"])
+    test = _batched(*setup["test_xy"], 3)
+    one_values, one_indices = calculator.top_k_indices(test, setup["train"], k=4)
+    row_bytes = 4 * sum(calculator._factored.widths)
+    monkeypatch.setattr(engine, "TEST_SIDE_BYTES", 2 * 3 * row_bytes)  # two test batches per group
+    groups = [sizes for _, sizes in calculator._test_side_groups(test, engine.TEST_SIDE_BYTES)]
+    assert groups == [[3, 3], [3, 2]]
+    values, indices = calculator.top_k_indices(test, setup["train"], k=4)
+    np.testing.assert_array_equal(indices, one_indices)
+    assert_close(values, one_values, CHUNK_RTOL)

@@ -50,6 +50,11 @@ TEST_CHUNK_BYTES = 512 * 2**20
 """Test-side vectors are paired with each training side in chunks of about this size (float32:
 `n_params = 1.2M` gives ~110 test examples per chunk); merging a chunk holds it twice, briefly."""
 
+TEST_SIDE_BYTES: int | None = None
+"""Budget for the test-side vectors held at once by `top_k_indices` / `top_k` (None: no limit).
+Above it the test set is scored in groups of consecutive test batches, one pass over the training
+set per group: memory bounded by the budget, training sides computed once per group."""
+
 
 def _n_batches(data: Any) -> int | None:
     """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
@@ -226,26 +231,41 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     # -- the engine ----------------------------------------------------------------------------
 
-    def _test_sides(self, dataset: Any) -> tuple[list[list[tf.Tensor]], list[int]]:
-        """Per component, the test-side vectors in chunks of consecutive test examples, `(rows, dim)`
-        each, and the sizes of the user's test batches. Batches are merged into chunks of about
-        `TEST_CHUNK_BYTES` (a GEMM per chunk runs faster than one per small batch), never into one
-        tensor (that would hold every test side twice at once): `_blocks_against` pairs each chunk
-        with a training side."""
+    def _test_side_groups(
+        self, dataset: Any, budget: int | None = None
+    ) -> Iterator[tuple[list[list[tf.Tensor]], list[int]]]:
+        """Per group of consecutive test batches: per component, the test-side vectors in chunks
+        `(rows, dim)`, and the sizes of the user's test batches in the group.
+
+        Batches are merged into chunks of about `TEST_CHUNK_BYTES` (a GEMM per chunk runs faster
+        than one per small batch), never into one tensor (that would hold every test side twice
+        at once); `_blocks_against` pairs each chunk with a training side. A group closes when
+        its chunks reach `budget` bytes (None: one group); the next is computed when the caller
+        asks for it, so drop the previous one first.
+        """
         chunks: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
         pending: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
-        sizes = []
+        sizes: list[int] = []
+        held = 0
         for batch in self._blocks(dataset, "dataset_to_evaluate"):
             for c in range(self.n_components):
-                pending[c].append(self._score_test_side(batch, c))
+                side = self._score_test_side(batch, c)
+                pending[c].append(side)
+                held += _bytes(side)
                 if sum(_bytes(side) for side in pending[c]) >= TEST_CHUNK_BYTES:
                     chunks[c].append(_merged(pending[c]))
                     pending[c] = []
             sizes += [part.size for part in parts_of(batch)]
-        for c in range(self.n_components):
-            if pending[c]:
-                chunks[c].append(_merged(pending[c]))
-        return chunks, sizes
+            if budget is not None and held >= budget:
+                yield [c + ([_merged(p)] if p else []) for c, p in zip(chunks, pending)], sizes
+                chunks, pending = [[] for _ in range(self.n_components)], [[] for _ in range(self.n_components)]
+                sizes, held = [], 0
+        if sizes:
+            yield [c + ([_merged(p)] if p else []) for c, p in zip(chunks, pending)], sizes
+
+    def _test_sides(self, dataset: Any) -> tuple[list[list[tf.Tensor]], list[int]]:
+        """Every test side in one group (see `_test_side_groups`)."""
+        return next(self._test_side_groups(dataset), ([[] for _ in range(self.n_components)], []))
 
     def score_blocks(
         self, dataset_to_evaluate: Any, train_set: Any, store: StorePath | None = None
@@ -330,15 +350,24 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         device: str | None,
         store: StorePath | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """`top_k_indices`, and the test batch sizes (one pass over each dataset)."""
+        """`top_k_indices`, and the test batch sizes: one pass over the test set, and one over the
+        training set per group of test sides (one group unless they exceed `TEST_SIDE_BYTES`)."""
         check_positive_int("k", k)
+        values, indices, test_sizes = [], [], []
         with _device(device):
-            test_sides, test_sizes = self._test_sides(dataset_to_evaluate)
-            stream = StreamingTopK(sum(test_sizes), k, order)
-            for block in self._blocks_against(test_sides, train_set, store):
-                stream.add(block)
-        _check_k(k, stream.seen, "training examples")
-        return (*stream.result(), test_sizes)
+            for test_sides, sizes in self._test_side_groups(dataset_to_evaluate, TEST_SIDE_BYTES):
+                stream = StreamingTopK(sum(sizes), k, order)
+                for block in self._blocks_against(test_sides, train_set, store):
+                    stream.add(block)
+                del test_sides  # before the next group is computed
+                _check_k(k, stream.seen, "training examples")
+                group_values, group_indices = stream.result()
+                values.append(group_values)
+                indices.append(group_indices)
+                test_sizes += sizes
+        if not test_sizes:
+            raise InvalidDataError("`dataset_to_evaluate` holds no examples.")
+        return np.concatenate(values), np.concatenate(indices), test_sizes
 
     # -- the seed's API ------------------------------------------------------------------------
 
