@@ -11,7 +11,9 @@ Timed in the same process, each as a ratio to one training epoch on the same tra
   refit pass), true Fisher;
 * `self_influence`: `g^T H^-1 g` for every training example (factored, one pass);
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
-  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`;
+  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`; it includes
+  the queries' preconditioned gradients (a fixed cost, ~5 s per 64 full-rank queries on 2 cores),
+  so compare two `--sizes` for the marginal ratio per training example;
 * `trak_featurise`: TRAK's features of the training set for one checkpoint, k ~ 2,048 (LoGra
   factored projection, `vestigia.projection.FactoredProjection`).
 Both wall-clock and process-CPU ratios are printed (CPU time is less disturbed by other

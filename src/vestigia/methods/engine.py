@@ -10,6 +10,11 @@ its own self-influence if it can be had with one gradient per example.
 The engine does the rest, the same way for every method: one pass over the training set per
 call, test-side vectors computed once, scores by matrix products, streaming top-k with memory
 `O(n_test * k)`, and the seed's dataset-shaped results.
+
+Memory: the test sides are held in chunks of about `TEST_CHUNK_BYTES` (never concatenated into
+one tensor), each paired with a training batch's side; only the small `(n_test, batch)` score
+blocks are stacked. For top-k, `TEST_SIDE_BYTES` bounds the test sides held at once (groups of
+test batches, one pass over the training set per group).
 """
 
 from __future__ import annotations
