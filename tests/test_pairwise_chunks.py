@@ -19,7 +19,7 @@ import whole_models
 from oracles import assert_close, loop_gradients
 
 from vestigia import FirstOrderInfluenceCalculator, TracIn
-from vestigia.curvature import EKFACIHVP, kronecker_scoring
+from vestigia.curvature import EKFACIHVP
 from vestigia.methods import engine
 from vestigia.model.influence_model import BaseInfluenceModel
 
@@ -73,11 +73,7 @@ def test_chunks_of_test_sides_equal_one_block(setup: dict, monkeypatch: pytest.M
         assert_close(values, one_values, CHUNK_RTOL)
 
 
-@pytest.mark.parametrize("test_rows", [16, 3])  # queries preconditioned at once: all 4, or 3 then 1
-def test_factored_full_rank_scores_equal_dense_gradients_through_the_solver(
-    setup: dict, monkeypatch: pytest.MonkeyPatch, test_rows: int
-) -> None:
-    monkeypatch.setattr(kronecker_scoring, "TEST_ROWS", test_rows)
+def test_factored_full_rank_scores_equal_dense_gradients_through_the_solver(setup: dict) -> None:
     im, solver = setup["im"], setup["solver"]
     calculator = FirstOrderInfluenceCalculator(im, setup["train"], ihvp_calculator=solver)
     test_x, test_y = setup["test_xy"]

@@ -36,10 +36,6 @@ from vestigia.gradients.layer_capture import Captured
 QUERY_CHUNK_BYTES = 256 * 2**20
 """Bound on the rank-r queries' full `(in, out)` matrices formed at once per layer (float32)."""
 
-TEST_ROWS = 16
-"""Queries preconditioned at once: the per-layer `(rows, in, out)` intermediates of `P_q` are the
-largest transient memory of the test side (a fixed cost, not per training example)."""
-
 
 class KroneckerScoring:
     """The factored scoring pairing of a fitted `KroneckerIHVP` (see the module docstring).
@@ -74,16 +70,8 @@ class KroneckerScoring:
         return [batch.inputs, batch.targets, weights]
 
     def test_side(self, batch: Batch) -> tf.Tensor:
-        """Packed preconditioned query gradients of a raw batch, `(batch, sum(widths))`, computed
-        `TEST_ROWS` queries at a time."""
-        args = self._args(batch)
-        if batch.size <= TEST_ROWS:
-            return self._test(*args)
-        parts = [
-            self._test(*tf.nest.map_structure(lambda t, i=start: None if t is None else t[i : i + TEST_ROWS], args))
-            for start in range(0, batch.size, TEST_ROWS)
-        ]
-        return tf.concat(parts, axis=0)
+        """Packed preconditioned query gradients of a raw batch, `(batch, sum(widths))`."""
+        return self._test(*self._args(batch))
 
     def train_side(self, batch: Batch) -> tf.Tensor:
         """Packed training gradients of a raw batch, `(batch, width)`: per layer `G_z` flattened, or
