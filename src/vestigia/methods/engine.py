@@ -275,7 +275,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     def score_blocks(
         self, dataset_to_evaluate: Any, train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
-        """Yield score blocks `(n_test, train_batch)`, one per training batch, in order."""
+        """Yield score blocks `(n_test, train_batch)`, one per training batch, in order (every test
+        side held at once: `TEST_SIDE_BYTES` applies to top-k only)."""
         test_sides, _ = self._test_sides(dataset_to_evaluate)
         yield from self._blocks_against(test_sides, train_set, store)
 
