@@ -11,7 +11,9 @@ Timed in the same process, each as a ratio to one training epoch on the same tra
   refit pass), true Fisher;
 * `self_influence`: `g^T H^-1 g` for every training example (factored, one pass);
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
-  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`;
+  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`; it includes
+  the queries' preconditioned gradients (a fixed cost, ~5 s per 64 full-rank queries on 2 cores),
+  so compare two `--sizes` for the marginal ratio per training example;
 * `trak_featurise`: TRAK's features of the training set for one checkpoint, k ~ 2,048 (LoGra
   factored projection, `vestigia.projection.FactoredProjection`).
 Both wall-clock and process-CPU ratios are printed (CPU time is less disturbed by other
@@ -31,6 +33,14 @@ per example; training step 585M): factors 3.7 epochs (capture passes 2 x 0.67, i
 0.83 with `conv_covariance`, the refit's rotations `in^2 min(T, out)` per layer 1.58),
 self-influence 2.25, pairwise with 1,000 full-rank queries 3.1. To add a stage, append a
 function to `STAGES`.
+
+`--query-budget-gib B` holds at most `B` GiB of the queries' preconditioned gradients at once
+(`vestigia.methods.engine.TEST_SIDE_BYTES`): above it the queries are scored in groups, one pass
+over the training set each (full rank, 1,000 queries hold 4.6 GiB).
+
+`--stages pairwise_topk` times only the named stages (comma-separated); the factors are then fitted
+untimed first, or loaded from `--factors-path` (an `.npz` written on the first run, refused if the
+model, data or settings differ, see `vestigia.curvature.factor_file`).
 
 Run: `python benchmarks/whole_model.py` (full size: 50,000 train / 1,000 queries: hours on 2
 cores), `python benchmarks/whole_model.py --n-train 1000 --n-query 100` (minutes), and
@@ -57,6 +67,7 @@ import tensorflow as tf  # noqa: E402
 
 from vestigia import TRAK, FirstOrderInfluenceCalculator  # noqa: E402
 from vestigia.curvature import EKFACIHVP  # noqa: E402
+from vestigia.methods import engine  # noqa: E402
 from vestigia.model.influence_model import BaseInfluenceModel  # noqa: E402
 from vestigia.projection import FactoredProjection  # noqa: E402
 
@@ -121,7 +132,9 @@ def stage_epoch(ctx: Context) -> str:
 
 def stage_factors(ctx: Context) -> str:
     ctx.influence_model = BaseInfluenceModel(ctx.model, loss_function=ctx.loss)
-    solver = EKFACIHVP(ctx.influence_model, ctx.train, query_rank=ctx.args.query_rank)
+    solver = EKFACIHVP(
+        ctx.influence_model, ctx.train, query_rank=ctx.args.query_rank, factors_path=ctx.args.factors_path
+    )
     ctx.calculator = FirstOrderInfluenceCalculator(ctx.influence_model, ctx.train, ihvp_calculator=solver)
     return f"{len(solver.layers)} Kronecker-factored layers, {len(solver.diagonals)} diagonal weights"
 
@@ -156,7 +169,20 @@ STAGES: list[tuple[str, Callable[[Context], str]]] = [
 ]
 
 
+def selected(names: str | None) -> list[tuple[str, Callable[[Context], str]]]:
+    """The stages named in `names` (comma-separated, any order; None: all), in `STAGES` order."""
+    if names is None:
+        return STAGES
+    wanted = set(names.split(","))
+    unknown = wanted - {name for name, _ in STAGES}
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from {[name for name, _ in STAGES]}")
+    return [(name, fn) for name, fn in STAGES if name in wanted]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.query_budget_gib is not None:
+        engine.TEST_SIDE_BYTES = int(args.query_budget_gib * 2**30)
     ctx = Context(args)
     results: dict[str, Any] = {"n_train": args.n_train, "n_query": args.n_query, "stages": {}}
     note = stage_epoch(ctx)
@@ -165,7 +191,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"epoch: {ctx.epoch_seconds:.1f} s wall, {ctx.epoch_cpu:.1f} s CPU ({note}); peak RSS {peak_rss_gib():.2f} GiB",
         flush=True,
     )
-    for name, fn in STAGES:
+    stages = selected(args.stages)
+    if "ekfac_factors" not in {name for name, _ in stages}:
+        note = stage_factors(ctx)
+        print(f"ekfac_factors: untimed ({note}); peak RSS {peak_rss_gib():.2f} GiB", flush=True)
+    for name, fn in stages:
         start, cpu = time.perf_counter(), time.process_time()
         note = fn(ctx)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
@@ -212,6 +242,11 @@ def main() -> None:
     parser.add_argument("--query-rank", type=int, default=None, help="low-rank queries (default: full rank)")
     parser.add_argument("--fidelity-rank", type=int, default=None, help="compare rank-r queries with full rank")
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated n_train values, one process each")
+    parser.add_argument("--stages", type=str, default=None, help="comma-separated stages to time (default: all)")
+    parser.add_argument("--factors-path", type=str, default=None, help="EK-FAC factors .npz: loaded, else saved")
+    parser.add_argument(
+        "--query-budget-gib", type=float, default=None, help="hold at most this much of the queries' sides at once"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line of results at the end")
     args = parser.parse_args()
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores", flush=True)
@@ -227,13 +262,18 @@ def main() -> None:
         command += ["--batch-size", str(args.batch_size), "--json"]
         if args.query_rank is not None:
             command += ["--query-rank", str(args.query_rank)]
+        if args.stages is not None:
+            command += ["--stages", args.stages]
+        if args.query_budget_gib is not None:
+            command += ["--query-budget-gib", str(args.query_budget_gib)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         print(output, flush=True)
         rows.append(json.loads(output.split("JSON ", 1)[1]))
-    print("n_train | epoch s | " + " | ".join(f"{name} (epochs wall / CPU)" for name, _ in STAGES) + " | peak RSS GiB")
+    stages = selected(args.stages)
+    print("n_train | epoch s | " + " | ".join(f"{name} (epochs wall / CPU)" for name, _ in stages) + " | peak RSS GiB")
     for row in rows:
         ratios = " | ".join(
-            f"{row['stages'][name]['epochs']:.2f} / {row['stages'][name]['cpu_epochs']:.2f}" for name, _ in STAGES
+            f"{row['stages'][name]['epochs']:.2f} / {row['stages'][name]['cpu_epochs']:.2f}" for name, _ in stages
         )
         print(f"{row['n_train']} | {row['epoch_seconds']:.1f} | {ratios} | {row['peak_rss_gib']:.2f}")
 

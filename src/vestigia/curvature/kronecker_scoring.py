@@ -8,11 +8,16 @@ gradient, the first-order influence of training example `z` on query `q` is
 
 * Test side: `P_q` per layer, flattened (`(n_test, in * out)`), or with `query_rank = r` its
   rank-`r` SVD `U S V^T`, kept as `U S` `(in, r)` and `V` `(out, r)`.
-* Pairing, per training batch and layer: with one position (`T = 1`, a Dense layer on vectors)
-  and a low-rank query, `<U S V^T, a d^T> = sum_r (a^T u_r s_r)(d^T v_r)`: no `(in, out)` matrix at
-  all. Otherwise `G_z` is formed for the batch only (`(batch, in, out)`, the size of the layer's
-  weight gradient per example) and contracted with `P_q` (low-rank queries: their `(in, out)`
-  matrices formed a chunk of queries at a time, at most `QUERY_CHUNK_BYTES`).
+* Training side, per training batch (once, whatever the number of queries): per layer the
+  per-example gradient `G_z = A_z^T D_z` flattened (`(batch, in * out)`, the cost of the layer's
+  forward pass), side by side with the other weights' gradients; with `query_rank` and one
+  position (`T = 1`, a Dense layer on vectors) the factors `[a, d]` (`(batch, in + out)`) instead.
+* Pairing, per training batch and block of queries: full rank, one GEMM
+  `(n_test, n_params) x (n_params, batch)` (`n_test * n_params` multiply-adds per training
+  example, the floor of full-rank queries). Low rank, per layer: with `T = 1`,
+  `<U S V^T, a d^T> = sum_r (a^T u_r s_r)(d^T v_r)` (no `(in, out)` matrix at all); otherwise the
+  queries' `(in, out)` matrices are formed a chunk of queries at a time (at most
+  `QUERY_CHUNK_BYTES`) and contracted with `G_z`.
 * Self-influence: `g^T H^-1 g = sum_jk (Q_A^T G Q_S)_jk^2 / (Lambda_jk + lambda)`, with one
   position `((a~^2)^T W (d~^2))`, no per-example matrix.
 """
@@ -25,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from vestigia.curvature.kronecker_factors import damped_power, flat_matmul, rotated_gradients, weighted_squares
-from vestigia.data.dataset import Batch
+from vestigia.data.dataset import Batch, iterate_batches
 from vestigia.gradients.layer_capture import Captured
 
 QUERY_CHUNK_BYTES = 256 * 2**20
@@ -50,9 +55,14 @@ class KroneckerScoring:
         self.widths = [
             s.n_in * s.n_out if r is None else r * (s.n_in + s.n_out) for s, r in zip(self.capture.specs, self._ranks)
         ] + [int(np.prod(v.shape)) for v in self.capture.others]
+        # low rank: which layers have one position (static shape), known once a training side is traced
+        self._one_position: list[bool] | None = None
+        self._probe_data = (solver.train_dataset, solver.model.process_batch_for_loss_fn)
         self._test = self.capture.traced(self._test_reducer)
-        self._pairs = self.capture.traced(self._pair_reducer)
+        self._train = self.capture.traced(self._train_reducer)
         self._self = self.capture.traced(self._self_reducer)
+        matrix = tf.TensorSpec([None, None], tf.float32)
+        self._low_rank_pairs = tf.function(self._low_rank_pair, input_signature=[matrix, matrix])
 
     @staticmethod
     def _args(batch: Batch) -> list[Any]:
@@ -63,9 +73,23 @@ class KroneckerScoring:
         """Packed preconditioned query gradients of a raw batch, `(batch, sum(widths))`."""
         return self._test(*self._args(batch))
 
-    def pair(self, test_side: tf.Tensor, batch: Batch) -> tf.Tensor:
-        """Scores `(n_test, batch)` of packed test sides against a raw training batch."""
-        return self._pairs(*self._args(batch), test_side)
+    def train_side(self, batch: Batch) -> tf.Tensor:
+        """Packed training gradients of a raw batch, `(batch, width)`: per layer `G_z` flattened, or
+        `[a, d]` for a layer with one position and low-rank queries; then the other weights'."""
+        return self._train(*self._args(batch))
+
+    def pair(self, test_sides: list[tf.Tensor], train_side: tf.Tensor) -> np.ndarray:
+        """Scores `(n_test, batch)` of blocks of packed test sides (stacked) against packed training
+        sides. Full rank: the training side is transposed once, so that each block's GEMM is
+        `(rows, n_params) x (n_params, batch)` on contiguous rows of both (faster on CPU than a
+        `transpose_b` product)."""
+        if self.rank is None:
+            columns = tf.transpose(train_side)
+            return np.concatenate([tf.matmul(side, columns).numpy() for side in test_sides], axis=0)
+        if self._one_position is None:  # training sides read from a store: trace one batch
+            dataset, process = self._probe_data
+            self.train_side(next(iterate_batches(dataset.take(1), process)))
+        return np.concatenate([self._low_rank_pairs(side, train_side).numpy() for side in test_sides], axis=0)
 
     def self_influence(self, batch: Batch) -> np.ndarray:
         """`g^T H^-1 g` per example of a raw batch, `(batch,)`."""
@@ -96,41 +120,43 @@ class KroneckerScoring:
         parts += [g * inverse for g, inverse in zip(captured.others, self._other_inverse)]
         return tf.concat(parts, axis=1)
 
-    def _pair_reducer(self, captured: Captured, test_side: tf.Tensor) -> tf.Tensor:
-        if self.rank is None:
-            # full rank: the batch's gradients of every layer side by side `(batch, sum(widths))`
-            # (its own size only), one GEMM against the packed queries, which are never split
-            batch = tf.shape(captured.losses)[0]
-            gradients = [
-                tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
-                for a, d in zip(captured.inputs, captured.deltas)
-            ]
-            return tf.matmul(test_side, tf.concat(gradients + list(captured.others), axis=1), transpose_b=True)
-        columns = tf.split(test_side, self.widths, axis=1)
-        n_test = tf.shape(test_side)[0]
+    def _train_reducer(self, captured: Captured) -> tf.Tensor:
         batch = tf.shape(captured.losses)[0]
-        scores = tf.zeros([n_test, batch], tf.float32)
-        for i, (spec, a, d) in enumerate(zip(self.capture.specs, captured.inputs, captured.deltas)):
-            rank = self._ranks[i]
+        self._one_position = [self.rank is not None and a.shape[1] == 1 for a in captured.inputs]
+        parts = [
+            tf.concat([a[:, 0], d[:, 0]], axis=1)
+            if factors
+            else tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
+            for factors, a, d in zip(self._one_position, captured.inputs, captured.deltas)
+        ]
+        return tf.concat(parts + list(captured.others), axis=1)
+
+    def _low_rank_pair(self, test_side: tf.Tensor, train_side: tf.Tensor) -> tf.Tensor:
+        assert self._one_position is not None
+        specs = self.capture.specs
+        train_widths = [
+            s.n_in + s.n_out if one else s.n_in * s.n_out for s, one in zip(specs, self._one_position)
+        ] + self.widths[len(specs) :]
+        columns = tf.split(test_side, self.widths, axis=1)
+        rows = tf.split(train_side, train_widths, axis=1)
+        n_test = tf.shape(test_side)[0]
+        scores = tf.zeros([n_test, tf.shape(train_side)[0]], tf.float32)
+        for i, (spec, rank, one) in enumerate(zip(specs, self._ranks, self._one_position)):
             if rank is None:
-                query = columns[i]
-            else:
-                left, right = tf.split(columns[i], [rank * spec.n_in, rank * spec.n_out], axis=1)
-                left = tf.reshape(left, [n_test, spec.n_in, rank])
-                right = tf.reshape(right, [n_test, spec.n_out, rank])
-                if a.shape[1] == 1:
-                    projected_a = tf.einsum("bi,qir->qbr", a[:, 0], left)
-                    projected_d = tf.einsum("bo,qor->qbr", d[:, 0], right)
-                    scores += tf.reduce_sum(projected_a * projected_d, axis=2)
-                    continue
-                gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
-                scores += self._low_rank_scores(left, right, gradient, spec.n_in * spec.n_out)
+                scores += tf.matmul(columns[i], rows[i], transpose_b=True)
                 continue
-            gradient = tf.reshape(tf.matmul(a, d, transpose_a=True), [batch, -1])
-            scores += tf.matmul(query, gradient, transpose_b=True)
-        offset = len(self.capture.specs)
-        for j, g in enumerate(captured.others):
-            scores += tf.matmul(columns[offset + j], g, transpose_b=True)
+            left, right = tf.split(columns[i], [rank * spec.n_in, rank * spec.n_out], axis=1)
+            left = tf.reshape(left, [n_test, spec.n_in, rank])
+            right = tf.reshape(right, [n_test, spec.n_out, rank])
+            if one:
+                a, d = tf.split(rows[i], [spec.n_in, spec.n_out], axis=1)
+                projected_a = tf.einsum("bi,qir->qbr", a, left)
+                projected_d = tf.einsum("bo,qor->qbr", d, right)
+                scores += tf.reduce_sum(projected_a * projected_d, axis=2)
+            else:
+                scores += self._low_rank_scores(left, right, rows[i], spec.n_in * spec.n_out)
+        for j in range(len(specs), len(self.widths)):
+            scores += tf.matmul(columns[j], rows[j], transpose_b=True)
         return scores
 
     def _low_rank_scores(self, left: tf.Tensor, right: tf.Tensor, gradient: tf.Tensor, width: int) -> tf.Tensor:

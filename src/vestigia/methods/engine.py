@@ -10,6 +10,11 @@ its own self-influence if it can be had with one gradient per example.
 The engine does the rest, the same way for every method: one pass over the training set per
 call, test-side vectors computed once, scores by matrix products, streaming top-k with memory
 `O(n_test * k)`, and the seed's dataset-shaped results.
+
+Memory: the test sides are held in chunks of about `TEST_CHUNK_BYTES` (never concatenated into
+one tensor), each paired with a training batch's side; only the small `(n_test, batch)` score
+blocks are stacked. For top-k, `TEST_SIDE_BYTES` bounds the test sides held at once (groups of
+test batches, one pass over the training set per group).
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ from vestigia.store.calculator import open_calculator_store, stored_rows
 
 StorePath = str | os.PathLike[str]
 
+TEST_CHUNK_BYTES = 512 * 2**20
+"""Test-side vectors are paired with each training side in chunks of about this size (float32:
+`n_params = 1.2M` gives ~110 test examples per chunk); merging a chunk holds it twice, briefly."""
+
+TEST_SIDE_BYTES: int | None = None
+"""Budget for the test-side vectors held at once by `top_k_indices` / `top_k` (None: no limit).
+Above it the test set is scored in groups of consecutive test batches, one pass over the training
+set per group: memory bounded by the budget, training sides computed once per group."""
+
 
 def _n_batches(data: Any) -> int | None:
     """Batches of a `tf.data.Dataset` when known (for progress bars); None for arrays."""
@@ -69,6 +83,14 @@ def _check_k(k: Any, available: int, what: str) -> int:
     if k > available:
         raise InvalidDataError(f"`k` must be at most the number of {what} ({available}). Received: k={k}")
     return k
+
+
+def _bytes(tensor: Any) -> int:
+    return int(np.prod(tensor.shape)) * tensor.dtype.size
+
+
+def _merged(sides: list[tf.Tensor]) -> tf.Tensor:
+    return sides[0] if len(sides) == 1 else tf.concat(sides, axis=0)
 
 
 def _column_blocks(matrix: np.ndarray, sizes: list[int]) -> tf.data.Dataset:
@@ -214,19 +236,47 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
 
     # -- the engine ----------------------------------------------------------------------------
 
-    def _test_sides(self, dataset: Any) -> tuple[list[tf.Tensor], list[int]]:
-        sides: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
-        sizes = []
+    def _test_side_groups(
+        self, dataset: Any, budget: int | None = None
+    ) -> Iterator[tuple[list[list[tf.Tensor]], list[int]]]:
+        """Per group of consecutive test batches: per component, the test-side vectors in chunks
+        `(rows, dim)`, and the sizes of the user's test batches in the group.
+
+        Batches are merged into chunks of about `TEST_CHUNK_BYTES` (a GEMM per chunk runs faster
+        than one per small batch), never into one tensor (that would hold every test side twice
+        at once); `_blocks_against` pairs each chunk with a training side. A group closes when
+        its chunks reach `budget` bytes (None: one group); the next is computed when the caller
+        asks for it, so drop the previous one first.
+        """
+        chunks: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
+        pending: list[list[tf.Tensor]] = [[] for _ in range(self.n_components)]
+        sizes: list[int] = []
+        held = 0
         for batch in self._blocks(dataset, "dataset_to_evaluate"):
             for c in range(self.n_components):
-                sides[c].append(self._score_test_side(batch, c))
+                side = self._score_test_side(batch, c)
+                pending[c].append(side)
+                held += _bytes(side)
+                if sum(_bytes(side) for side in pending[c]) >= TEST_CHUNK_BYTES:
+                    chunks[c].append(_merged(pending[c]))
+                    pending[c] = []
             sizes += [part.size for part in parts_of(batch)]
-        return [tf.concat(s, axis=0) for s in sides], sizes
+            if budget is not None and held >= budget:
+                yield [c + ([_merged(p)] if p else []) for c, p in zip(chunks, pending)], sizes
+                chunks, pending = [[] for _ in range(self.n_components)], [[] for _ in range(self.n_components)]
+                sizes, held = [], 0
+        if sizes:
+            yield [c + ([_merged(p)] if p else []) for c, p in zip(chunks, pending)], sizes
+
+    def _test_sides(self, dataset: Any) -> tuple[list[list[tf.Tensor]], list[int]]:
+        """Every test side in one group (see `_test_side_groups`)."""
+        return next(self._test_side_groups(dataset), ([[] for _ in range(self.n_components)], []))
 
     def score_blocks(
         self, dataset_to_evaluate: Any, train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
-        """Yield score blocks `(n_test, train_batch)`, one per training batch, in order."""
+        """Yield score blocks `(n_test, train_batch)`, one per training batch, in order (every test
+        side held at once: `TEST_SIDE_BYTES` applies to top-k only)."""
         test_sides, _ = self._test_sides(dataset_to_evaluate)
         yield from self._blocks_against(test_sides, train_set, store)
 
@@ -246,17 +296,21 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             (None, row) for row in stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
         )
 
+    def _paired_blocks(self, test_blocks: list[tf.Tensor], train_side: Any, component: int) -> np.ndarray:
+        """`_pair` of each chunk of test sides with one training side, stacked: `(n_test, batch)`."""
+        return np.concatenate([np.asarray(self._pair(side, train_side, component)) for side in test_blocks], axis=0)
+
     @checked_blocks
     def _blocks_against(
-        self, test_sides: list[tf.Tensor], train_set: Any, store: StorePath | None = None
+        self, test_sides: list[list[tf.Tensor]], train_set: Any, store: StorePath | None = None
     ) -> Iterator[np.ndarray]:
-        n_test = int(test_sides[0].shape[0]) if test_sides else 0
+        """Score blocks `(n_test, train_batch)`: each training side paired with every block of test
+        sides, the small `(test_batch, train_batch)` results stacked, components summed."""
+        n_test = sum(int(side.shape[0]) for side in test_sides[0]) if test_sides else 0
         for sizes, train_side in self._train_sides(train_set, store, n_test):
-            block = None
-            for c, test_side in enumerate(test_sides):
-                scores = self._pair(test_side, train_side[c], c)
-                block = scores if block is None else block + scores
-            block = np.asarray(block)
+            block = self._paired_blocks(test_sides[0], train_side[0], 0)
+            for c in range(1, len(test_sides)):
+                block += self._paired_blocks(test_sides[c], train_side[c], c)
             if sizes is None:
                 yield block
             else:  # one block per user's batch
@@ -302,15 +356,24 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         device: str | None,
         store: StorePath | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """`top_k_indices`, and the test batch sizes (one pass over each dataset)."""
+        """`top_k_indices`, and the test batch sizes: one pass over the test set, and one over the
+        training set per group of test sides (one group unless they exceed `TEST_SIDE_BYTES`)."""
         check_positive_int("k", k)
+        values, indices, test_sizes = [], [], []
         with _device(device):
-            test_sides, test_sizes = self._test_sides(dataset_to_evaluate)
-            stream = StreamingTopK(sum(test_sizes), k, order)
-            for block in self._blocks_against(test_sides, train_set, store):
-                stream.add(block)
-        _check_k(k, stream.seen, "training examples")
-        return (*stream.result(), test_sizes)
+            for test_sides, sizes in self._test_side_groups(dataset_to_evaluate, TEST_SIDE_BYTES):
+                stream = StreamingTopK(sum(sizes), k, order)
+                for block in self._blocks_against(test_sides, train_set, store):
+                    stream.add(block)
+                del test_sides  # before the next group is computed
+                _check_k(k, stream.seen, "training examples")
+                group_values, group_indices = stream.result()
+                values.append(group_values)
+                indices.append(group_indices)
+                test_sizes += sizes
+        if not test_sizes:
+            raise InvalidDataError("`dataset_to_evaluate` holds no examples.")
+        return np.concatenate(values), np.concatenate(indices), test_sizes
 
     # -- the seed's API ------------------------------------------------------------------------
 

@@ -145,7 +145,7 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
 
     def _score_train_side(self, batch: Batch, component: int) -> tf.Tensor:
         if self._factored is not None:
-            return batch  # paired by `_factored.pair`
+            return self._factored.train_side(batch)
         return self._influence_vector(batch) if self.normalize else self._gradients(batch)
 
     def _score_test_side(self, batch: Batch, component: int) -> tf.Tensor:
@@ -154,10 +154,10 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
         grads = self._gradients(batch)
         return grads if self.normalize else self.ihvp_calculator.solve(grads)
 
-    def _pair(self, test_side: tf.Tensor, train_side: tf.Tensor, component: int) -> tf.Tensor:
+    def _paired_blocks(self, test_blocks: list[tf.Tensor], train_side: Any, component: int) -> np.ndarray:
         if self._factored is not None:
-            return self._factored.pair(test_side, train_side)
-        return super()._pair(test_side, train_side, component)
+            return self._factored.pair(test_blocks, train_side)
+        return super()._paired_blocks(test_blocks, train_side, component)
 
     def _self_influence(self, batch: Batch) -> np.ndarray:
         if self._factored is not None:

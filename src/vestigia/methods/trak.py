@@ -190,7 +190,7 @@ class TRAK(BaseInfluenceCalculator):
             return values
         return np.sign(values) * np.maximum(np.abs(values) - self.soft_threshold, 0.0)
 
-    def _blocks_against(self, test_sides: list[tf.Tensor], train_set: Any, store: Any = None) -> Any:
+    def _blocks_against(self, test_sides: list[list[tf.Tensor]], train_set: Any, store: Any = None) -> Any:
         for block in super()._blocks_against(test_sides, train_set, store):
             yield self._threshold(block)
 
