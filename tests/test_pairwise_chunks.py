@@ -47,7 +47,8 @@ def setup() -> dict:
     test_x, test_y = whole_models.images(11, seed=3)
     im = BaseInfluenceModel(model, loss_function=_loss())
     train = _batched(x, y, 8)
-    solver = EKFACIHVP(im, train, fisher="empirical")
+    with pytest.warns(UserWarning, match="no Kronecker factor"):  # the BatchNorm weights
+        solver = EKFACIHVP(im, train, fisher="empirical")
     return {"im": im, "solver": solver, "train": train, "xy": (x, y), "test_xy": (test_x, test_y)}
 
 
@@ -123,6 +124,21 @@ def test_groups_of_queries_under_a_budget_equal_one_group(setup: dict, monkeypat
     monkeypatch.setattr(engine, "TEST_SIDE_BYTES", 2 * 3 * row_bytes)  # two test batches per group
     groups = [sizes for _, sizes in calculator._test_side_groups(test, engine.TEST_SIDE_BYTES)]
     assert groups == [[3, 3], [3, 2]]
+    values, indices = calculator.top_k_indices(test, setup["train"], k=4)
+    np.testing.assert_array_equal(indices, one_indices)
+    assert_close(values, one_values, CHUNK_RTOL)
+
+
+def test_default_query_budget_is_half_the_available_memory(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`TEST_SIDE_BYTES = None`: the budget is half of `available_memory()` (here capped by
+    `VESTIGIA_MEMORY_LIMIT_BYTES`), so queries that would not fit are grouped, same answer."""
+    calculator = FirstOrderInfluenceCalculator(setup["im"], setup["train"], ihvp_calculator=setup["solver"])
+    test = _batched(*setup["test_xy"], 3)
+    one_values, one_indices = calculator.top_k_indices(test, setup["train"], k=4)
+    row_bytes = 4 * sum(calculator._factored.widths)
+    monkeypatch.setenv("VESTIGIA_MEMORY_LIMIT_BYTES", str(2 * 2 * 3 * row_bytes))
+    assert engine._test_side_budget() == 2 * 3 * row_bytes
+    assert [sizes for _, sizes in calculator._test_side_groups(test, engine._test_side_budget())] == [[3, 3], [3, 2]]
     values, indices = calculator.top_k_indices(test, setup["train"], k=4)
     np.testing.assert_array_equal(indices, one_indices)
     assert_close(values, one_values, CHUNK_RTOL)

@@ -42,7 +42,7 @@ from vestigia.data.dataset import (
 )
 from vestigia.data.memo import memo_batches, memo_inputs
 from vestigia.data.untuned import untuned, untuned_view
-from vestigia.errors import InvalidDataError, check_positive_int
+from vestigia.errors import InvalidDataError, available_memory, check_positive_int
 from vestigia.methods.score_checks import check_finite_result, check_finite_values, checked_blocks, within_memory
 from vestigia.progress import bar, known_length, track
 from vestigia.results.enums import CACHE, ORDER
@@ -56,9 +56,15 @@ TEST_CHUNK_BYTES = 512 * 2**20
 `n_params = 1.2M` gives ~110 test examples per chunk); merging a chunk holds it twice, briefly."""
 
 TEST_SIDE_BYTES: int | None = None
-"""Budget for the test-side vectors held at once by `top_k_indices` / `top_k` (None: no limit).
-Above it the test set is scored in groups of consecutive test batches, one pass over the training
-set per group: memory bounded by the budget, training sides computed once per group."""
+"""Budget for the test-side vectors held at once by `top_k_indices` / `top_k` (None: half the
+memory available when the call starts, `vestigia.errors.available_memory`). Above it the test set
+is scored in groups of consecutive test batches, one pass over the training set per group: memory
+bounded by the budget, training sides computed once per group."""
+
+
+def _test_side_budget() -> int:
+    """`TEST_SIDE_BYTES`, or half the memory available now."""
+    return TEST_SIDE_BYTES if TEST_SIDE_BYTES is not None else available_memory() // 2
 
 
 def _n_batches(data: Any) -> int | None:
@@ -357,11 +363,11 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         store: StorePath | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """`top_k_indices`, and the test batch sizes: one pass over the test set, and one over the
-        training set per group of test sides (one group unless they exceed `TEST_SIDE_BYTES`)."""
+        training set per group of test sides (one group unless they exceed `_test_side_budget()`)."""
         check_positive_int("k", k)
         values, indices, test_sizes = [], [], []
         with _device(device):
-            for test_sides, sizes in self._test_side_groups(dataset_to_evaluate, TEST_SIDE_BYTES):
+            for test_sides, sizes in self._test_side_groups(dataset_to_evaluate, _test_side_budget()):
                 stream = StreamingTopK(sum(sizes), k, order)
                 for block in self._blocks_against(test_sides, train_set, store):
                     stream.add(block)
