@@ -8,7 +8,7 @@ Data: generated images (a class-dependent pattern plus noise), 10 classes.
 Timed in the same process, each as a ratio to one training epoch on the same training set
 (Adam, same batch size, measured after a one-batch warm-up):
 * `ekfac_factors`: EK-FAC factors (covariance pass, float64 eigendecompositions, eigenvalue
-  refit pass), true Fisher;
+  refit pass, over every batch or with `--refit-fraction f` every `1/f`-th), true Fisher;
 * `self_influence`: `g^T H^-1 g` for every training example (factored, one pass);
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
   held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`; it includes
@@ -133,7 +133,11 @@ def stage_epoch(ctx: Context) -> str:
 def stage_factors(ctx: Context) -> str:
     ctx.influence_model = BaseInfluenceModel(ctx.model, loss_function=ctx.loss)
     solver = EKFACIHVP(
-        ctx.influence_model, ctx.train, query_rank=ctx.args.query_rank, factors_path=ctx.args.factors_path
+        ctx.influence_model,
+        ctx.train,
+        query_rank=ctx.args.query_rank,
+        factors_path=ctx.args.factors_path,
+        refit_fraction=ctx.args.refit_fraction,
     )
     ctx.calculator = FirstOrderInfluenceCalculator(ctx.influence_model, ctx.train, ihvp_calculator=solver)
     return f"{len(solver.layers)} Kronecker-factored layers, {len(solver.diagonals)} diagonal weights"
@@ -242,6 +246,7 @@ def main() -> None:
     parser.add_argument("--query-rank", type=int, default=None, help="low-rank queries (default: full rank)")
     parser.add_argument("--fidelity-rank", type=int, default=None, help="compare rank-r queries with full rank")
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated n_train values, one process each")
+    parser.add_argument("--refit-fraction", type=float, default=1.0, help="EK-FAC refit on this share of batches")
     parser.add_argument("--stages", type=str, default=None, help="comma-separated stages to time (default: all)")
     parser.add_argument("--factors-path", type=str, default=None, help="EK-FAC factors .npz: loaded, else saved")
     parser.add_argument(
@@ -264,6 +269,7 @@ def main() -> None:
             command += ["--query-rank", str(args.query_rank)]
         if args.stages is not None:
             command += ["--stages", args.stages]
+        command += ["--refit-fraction", str(args.refit_fraction)]
         if args.query_budget_gib is not None:
             command += ["--query-budget-gib", str(args.query_budget_gib)]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
