@@ -76,13 +76,15 @@ def _batch_curvatures(
         NonFiniteError: a batch gives NaN or Inf curvature (the message names its cause).
     """
     differentiator = model.differentiator
+    closed = differentiator.closed_form
     for batch in track(model.feature_batches(dataset, name), "Hessian (batches)", known_length(dataset)):
-        pair = differentiator.dense_curvature(batch.features, batch.targets, batch.weights)
-        part = (
-            (pair[0].numpy(), pair[1].numpy())
-            if pair is not None
-            else differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
-        )
+        part: tuple[np.ndarray, np.ndarray] | np.ndarray
+        if closed is not None and closed.applies_to(batch.features):  # NumPy float64 already
+            part = closed.curvature(batch.features, batch.targets, batch.weights)
+        elif (pair := differentiator.dense_curvature(batch.features, batch.targets, batch.weights)) is not None:
+            part = (pair[0].numpy(), pair[1].numpy())
+        else:
+            part = differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
         if not all(np.isfinite(p).all() for p in (part if isinstance(part, tuple) else (part,))):
             losses = differentiator.losses(batch.features, batch.targets, batch.weights)
             raise NonFiniteError(model.diagnose_non_finite(batch, name, losses))
