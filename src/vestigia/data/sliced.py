@@ -65,7 +65,9 @@ def sliced_batches(dataset: tf.data.Dataset) -> Iterator[Any] | None:
 def _cut(structure: Any, leaves: list[np.ndarray], batch_size: int, drop_remainder: bool) -> Iterator[Any]:
     """Rows `[start, start + batch_size)` of every leaf, packed as `structure`, in order."""
     n = len(leaves[0])
+    flat = type(structure) is tuple and all(isinstance(s, tf.TensorSpec) for s in structure)  # (x, y[, w])
     for start in range(0, n, batch_size):
         if drop_remainder and start + batch_size > n:
             return
-        yield tf.nest.pack_sequence_as(structure, [leaf[start : start + batch_size] for leaf in leaves])
+        rows = [leaf[start : start + batch_size] for leaf in leaves]
+        yield tuple(rows) if flat else tf.nest.pack_sequence_as(structure, rows)
