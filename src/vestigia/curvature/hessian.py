@@ -70,7 +70,8 @@ class DenseFactors(NamedTuple):
 def _batch_curvatures(
     model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str
 ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | np.ndarray, int]]:
-    """Per batch: its `dense_curvature` factors `(a, M)`, or its summed autodiff Hessian, and its size.
+    """Per batch: its Kronecker factors `(a, M)` (in closed form, NumPy, where the head has one; else
+    `dense_curvature`), or its summed autodiff Hessian, and its size.
 
     Raises:
         NonFiniteError: a batch gives NaN or Inf curvature (the message names its cause).
