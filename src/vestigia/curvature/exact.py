@@ -38,13 +38,6 @@ from vestigia.model.influence_model import BaseInfluenceModel
 __all__ = ["SMALL_MATRIX", "ExactIHVP", "mean_hessian", "symmetric_eigh"]
 
 
-def _matmul_t(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """`left @ right.T` in float64, in TensorFlow up to `SMALL_MATRIX` rows (see `symmetric_eigh`)."""
-    if left.shape[0] > SMALL_MATRIX:
-        return left @ right.T
-    return tf.matmul(tf.constant(left, tf.float64), tf.constant(right, tf.float64), transpose_b=True).numpy()
-
-
 class ExactIHVP(InverseHessianVectorProduct):
     """Exact inverse-Hessian-vector products from the dense `(n_params, n_params)` Hessian.
 
@@ -96,7 +89,7 @@ class ExactIHVP(InverseHessianVectorProduct):
         self._woodbury: WoodburyInverse | None = None
         self._cholesky: np.ndarray | None = None
         self._inv32: np.ndarray | None = None
-        self._h32: tf.Tensor | None = None
+        self._h32: np.ndarray | None = None
         hessian: np.ndarray | DenseFactors
         if train_hessian is not None:
             hessian = np.array(train_hessian, dtype=np.float64)
@@ -134,9 +127,10 @@ class ExactIHVP(InverseHessianVectorProduct):
             self.hessian = self._restore(hessian)
             eigenvalues, eigenvectors = self._eigh
             inverse, self.spectrum = inverse_eigenvalues(eigenvalues, self.rcond, self.indefinite, "ExactIHVP")
-            self.__dict__["inv_hessian"] = _matmul_t(eigenvectors * inverse, eigenvectors)
+            # NumPy: its float64 product is set up by the Hessian's own; TensorFlow's costs a first call.
+            self.__dict__["inv_hessian"] = (eigenvectors * inverse) @ eigenvectors.T
             self._inv32 = self.inv_hessian.astype(np.float32)
-            self._h32 = tf.constant(self.hessian, dtype=tf.float32)
+            self._h32 = self.hessian.astype(np.float32)
 
     def _try_woodbury(self, factors: DenseFactors) -> WoodburyInverse | None:
         """The Woodbury factors when the curvature splits as `diag(e) - u u^T`, `D` and `C` are positive
@@ -235,7 +229,7 @@ class ExactIHVP(InverseHessianVectorProduct):
             columns = np.asfortranarray(self._check_vectors(vectors).T)
             half = scipy.linalg.blas.dtrmm(1.0, self._cholesky, columns, lower=1, trans_a=1)
             return tf.constant(scipy.linalg.blas.dtrmm(1.0, self._cholesky, half, lower=1).T, tf.float32)
-        return tf.matmul(tf.cast(vectors, tf.float32), self._h32)
+        return tf.constant(np.asarray(vectors, dtype=np.float32) @ self._h32)
 
     def solve64(self, vectors: Any) -> np.ndarray:
         """`solve` in float64: all rows at once (Woodbury or Cholesky solves, or the kept inverse)."""

@@ -23,6 +23,7 @@ from vestigia.progress import known_length, track
 
 SMALL_MATRIX = 1024
 ROWS_PER_PRODUCT = 4096
+OUTER_BYTES = 2 << 20
 
 
 def kronecker_hessian_sum(a: np.ndarray, curvature: np.ndarray, total: np.ndarray) -> None:
@@ -35,10 +36,16 @@ def kronecker_hessian_sum(a: np.ndarray, curvature: np.ndarray, total: np.ndarra
     n, n_in = a.shape
     n_out = curvature.shape[1]
     if total.shape[0] <= SMALL_MATRIX:
-        # Small: one product, `sum_i vec(a_i a_i^T) vec(M_i)^T` (NumPy: its first float64 product
-        # costs ~20 ms in a fresh process, TensorFlow's ~70-120 ms).
-        outer = (a[:, :, None] * a[:, None, :]).reshape(n, n_in * n_in)
-        summed = outer.T @ curvature.reshape(n, n_out * n_out)
+        # Small: `sum_i vec(a_i a_i^T) vec(M_i)^T`, a product per `OUTER_BYTES` of outer products
+        # (NumPy: its first float64 product costs ~20 ms in a fresh process, TensorFlow's ~70-120 ms;
+        # small chunks reuse one buffer, where one large one is fresh memory, page-faulted each time
+        # in a fresh process).
+        step = max(1, OUTER_BYTES // (8 * n_in * n_in))
+        summed = np.zeros((n_in * n_in, n_out * n_out))
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            outer = (a[rows, :, None] * a[rows, None, :]).reshape(-1, n_in * n_in)
+            summed += outer.T @ curvature[rows].reshape(-1, n_out * n_out)
         total += summed.reshape(n_in, n_in, n_out, n_out).transpose(0, 2, 1, 3).reshape(total.shape)
         return
     blocks = total.reshape(n_in, n_out, n_in, n_out)
@@ -70,19 +77,22 @@ class DenseFactors(NamedTuple):
 def _batch_curvatures(
     model: BaseInfluenceModel, dataset: tf.data.Dataset, name: str
 ) -> Iterator[tuple[tuple[np.ndarray, np.ndarray] | np.ndarray, int]]:
-    """Per batch: its `dense_curvature` factors `(a, M)`, or its summed autodiff Hessian, and its size.
+    """Per batch: its Kronecker factors `(a, M)` (in closed form, NumPy, where the head has one; else
+    `dense_curvature`), or its summed autodiff Hessian, and its size.
 
     Raises:
         NonFiniteError: a batch gives NaN or Inf curvature (the message names its cause).
     """
     differentiator = model.differentiator
+    closed = differentiator.closed_form
     for batch in track(model.feature_batches(dataset, name), "Hessian (batches)", known_length(dataset)):
-        pair = differentiator.dense_curvature(batch.features, batch.targets, batch.weights)
-        part = (
-            (pair[0].numpy(), pair[1].numpy())
-            if pair is not None
-            else differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
-        )
+        part: tuple[np.ndarray, np.ndarray] | np.ndarray
+        if closed is not None and closed.applies_to(batch.features):  # NumPy float64 already
+            part = closed.curvature(batch.features, batch.targets, batch.weights)
+        elif (pair := differentiator.dense_curvature(batch.features, batch.targets, batch.weights)) is not None:
+            part = (pair[0].numpy(), pair[1].numpy())
+        else:
+            part = differentiator.hessian(batch.features, batch.targets, batch.weights).numpy()
         if not all(np.isfinite(p).all() for p in (part if isinstance(part, tuple) else (part,))):
             losses = differentiator.losses(batch.features, batch.targets, batch.weights)
             raise NonFiniteError(model.diagnose_non_finite(batch, name, losses))

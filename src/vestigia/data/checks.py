@@ -17,6 +17,9 @@ augmentation in a `.map`) would silently scramble the results. Both are refused:
   Skipped when the pipeline holds a `.cache()`, whose partial reads TensorFlow discards with a
   warning.
 
+A plain pipeline (`vestigia.data.untuned.is_plain`: slices, batches, zips, ... of finite
+sources) can be neither, and is not asked.
+
 The documented fix is to shuffle once (`reshuffle_each_iteration=False`) or to shuffle the
 arrays before building the dataset; Vestigia does not materialise a copy in a fixed order
 (that would hold the whole data set in memory without the user asking).
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from vestigia.data.untuned import is_plain
 from vestigia.errors import InvalidDataError
 
 FINGERPRINT_BATCHES = 2
@@ -126,12 +130,16 @@ def check_stable_order(dataset: tf.data.Dataset, name: str) -> None:
 
 
 def check_dataset(dataset: tf.data.Dataset, name: str) -> None:
-    """`check_finite_length` and `check_stable_order`, once per dataset object."""
+    """`check_finite_length` and `check_stable_order`, once per dataset object. A plain pipeline
+    (`vestigia.data.untuned.is_plain`: finite sources, no shuffle, nothing computed) passes both
+    by construction and is not asked (each costs an op, the first of its kind a few ms)."""
     try:
         if _checked.get(dataset):
             return
     except TypeError:  # not weak-referenceable: check every time
         pass
+    if is_plain(dataset):
+        return
     check_finite_length(dataset, name)
     check_stable_order(dataset, name)
     try:

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from vestigia.data.checks import check_dataset
+from vestigia.data.sliced import sliced_batches
 from vestigia.errors import InvalidDataError
 
 ProcessBatchFn = Callable[[Any], tuple[Any, Any, Any]]
@@ -131,6 +132,9 @@ def iterate_batches(
 ) -> Iterator[Batch]:
     """Yield the dataset's batches as `Batch` tuples, checking that they are consistent.
 
+    Sliced arrays (`vestigia.data.sliced`) are cut in NumPy, without a tf.data iterator: their
+    leaves are then NumPy arrays (tensors for a `process_batch_fn` of the user's).
+
     Raises:
         InvalidDataError: if the dataset is infinite or changes between passes (checked once per
             dataset object), yields no batch, or a batch whose inputs, targets and weights have
@@ -138,7 +142,11 @@ def iterate_batches(
     """
     check_dataset(dataset, name)
     empty, index, offset = True, 0, 0
-    for element in dataset:
+    sliced = sliced_batches(dataset)
+    if sliced is not None and process_batch_fn is not default_process_batch:
+        # A user's function gets what tf.data would give it: tensors.
+        sliced = (tf.nest.map_structure(tf.constant, element) for element in sliced)
+    for element in dataset if sliced is None else sliced:
         inputs, targets, weights = process_batch_fn(element)
         size = _batch_size_of(inputs, name)
         target_sizes = {_leading_dim(t) for t in tf.nest.flatten(targets) if _rank(t) > 0}
@@ -147,7 +155,9 @@ def iterate_batches(
                 f"`{name}`: a batch has {size} inputs but targets of shape "
                 f"{[tuple(t.shape) for t in tf.nest.flatten(targets)]}. Targets need one row per input."
             )
-        if weights is not None:
+        if isinstance(weights, np.ndarray):
+            weights = weights.reshape(-1)
+        elif weights is not None:
             weights = tf.reshape(tf.convert_to_tensor(weights), [-1])
             if _leading_dim(weights) != size:
                 raise InvalidDataError(

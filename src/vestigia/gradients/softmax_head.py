@@ -56,6 +56,12 @@ def _input_rank(layer: Any) -> int | None:
         return None
 
 
+def _read(variable: Any) -> np.ndarray:
+    """A Keras variable's value in float64, from one variable read (its `.numpy()` adds an
+    `Identity` op, whose first call alone costs milliseconds in a fresh process)."""
+    return np.asarray(tf.convert_to_tensor(variable), np.float64)
+
+
 class SoftmaxDenseHead:
     """Losses, per-example gradients (full or factored) and curvature factors in closed form.
 
@@ -121,9 +127,9 @@ class SoftmaxDenseHead:
     def _forward(self, features: Any, targets: Any, weights: Any) -> tuple[np.ndarray, ...]:
         """`(a, y, w, z, p)`: inputs, labels, weights, logits and probabilities, float64."""
         a = self._inputs(features)
-        z = a @ np.asarray(self.layer.kernel.numpy(), np.float64)
+        z = a @ _read(self.layer.kernel)
         if self.layer.use_bias:
-            z += np.asarray(self.layer.bias.numpy(), np.float64)
+            z += _read(self.layer.bias)
         shifted = z - z.max(axis=1, keepdims=True)
         p = np.exp(shifted)
         p /= p.sum(axis=1, keepdims=True)
