@@ -155,10 +155,8 @@ def iterate_batches(
                 f"`{name}`: a batch has {size} inputs but targets of shape "
                 f"{[tuple(t.shape) for t in tf.nest.flatten(targets)]}. Targets need one row per input."
             )
-        if isinstance(weights, np.ndarray):
-            weights = weights.reshape(-1)
-        elif weights is not None:
-            weights = tf.reshape(tf.convert_to_tensor(weights), [-1])
+        if weights is not None:
+            weights = weights.reshape(-1) if isinstance(weights, np.ndarray) else tf.reshape(weights, [-1])
             if _leading_dim(weights) != size:
                 raise InvalidDataError(
                     f"`{name}`: a batch has {size} inputs but sample_weight of shape "
