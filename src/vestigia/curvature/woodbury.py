@@ -130,14 +130,6 @@ def class_block_inverses(factors: list[np.ndarray]) -> np.ndarray:
     return np.stack(inverses)
 
 
-def class_block_apply(inverses: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`D^-1 v` for each row `v` `(in * out,)` of `rows`, `D` block diagonal over the classes with
-    inverse blocks `inverses` `(out, in, in)` (row-major `(in, out)` parameter order)."""
-    n_out, n_in = inverses.shape[:2]
-    by_class = rows.reshape(len(rows), n_in, n_out).transpose(2, 0, 1)  # (out, m, in)
-    return np.matmul(by_class, inverses).transpose(1, 2, 0).reshape(rows.shape)
-
-
 class WoodburyInverse:
     """`H^-1` for `H = D - Q^T Q` as the module docstring says, all right-hand sides at once, float64.
 
