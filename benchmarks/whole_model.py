@@ -3,7 +3,9 @@
 Model: a ResNet for 32 x 32 x 3 images (stem conv 64, three stages of one residual block with
 64 / 128 / 256 channels, strided convs and 1 x 1 projection shortcuts, global pooling, Dense),
 1,223,626 parameters, no BatchNorm (so every weight has a Kronecker factor), every layer watched.
-Data: generated images (a class-dependent pattern plus noise), 10 classes.
+Data: generated images (a class-dependent pattern plus noise), 10 classes, generated batch by
+batch from a seed on every pass (never held whole, as data read from disk would be), so the peak
+memory is the library's and stays flat as `n_train` grows.
 
 Timed in the same process, each as a ratio to one training epoch on the same training set
 (Adam, same batch size, measured after a one-batch warm-up):
@@ -11,7 +13,8 @@ Timed in the same process, each as a ratio to one training epoch on the same tra
   refit pass, over every batch or with `--refit-fraction f` every `1/f`-th), true Fisher;
 * `self_influence`: `g^T H^-1 g` for every training example (factored, one pass);
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
-  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`; it includes
+  held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`, held in
+  float32 or (`--query-dtype bfloat16`) in bfloat16 and paired by bfloat16 GEMMs; it includes
   the queries' preconditioned gradients (a fixed cost, ~5 s per 64 full-rank queries on 2 cores),
   so compare two `--sizes` for the marginal ratio per training example;
 * `trak_featurise`: TRAK's features of the training set for one checkpoint, k ~ 2,048 (LoGra
@@ -37,6 +40,9 @@ function to `STAGES`.
 `--query-budget-gib B` holds at most `B` GiB of the queries' preconditioned gradients at once
 (`vestigia.methods.engine.TEST_SIDE_BYTES`): above it the queries are scored in groups, one pass
 over the training set each (full rank, 1,000 queries hold 4.6 GiB).
+
+`--fidelity-dtype bfloat16` / `--fidelity-rank r` compare such queries with full-rank float32 ones
+on a slice (256 training x 32 queries): Pearson, top-10 overlap, largest difference.
 
 `--stages pairwise_topk` times only the named stages (comma-separated); the factors are then fitted
 untimed first, or loaded from `--factors-path` (an `.npz` written on the first run, refused if the
@@ -87,13 +93,18 @@ def resnet(classes: int = 10, widths: tuple[int, ...] = (64, 128, 256)) -> keras
     return keras.Model(inputs, keras.layers.Dense(classes)(x))
 
 
-def images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`n` generated 32 x 32 x 3 images (class pattern + noise) and one-hot labels."""
-    rng = np.random.default_rng(seed)
-    patterns = np.random.default_rng(123).normal(0, 1, (classes, 32, 32, 3)).astype("float32")
-    labels = rng.integers(0, classes, n)
-    x = 0.5 * patterns[labels] + rng.normal(0, 1, (n, 32, 32, 3)).astype("float32")
-    return x.astype("float32"), np.eye(classes, dtype="float32")[labels]
+def images(n: int, batch_size: int, classes: int = 10, seed: int = 0) -> tf.data.Dataset:
+    """`n` generated 32 x 32 x 3 images (class pattern + noise) and one-hot labels, in batches,
+    each generated from `(seed, its first index)` when read: the same on every pass."""
+    patterns = tf.constant(np.random.default_rng(123).normal(0, 1, (classes, 32, 32, 3)).astype("float32"))
+
+    def batch(start: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        size = tf.cast(tf.minimum(tf.constant(batch_size, tf.int64), n - start), tf.int32)
+        labels = tf.random.stateless_uniform([size], [seed, start], 0, classes, dtype=tf.int32)
+        noise = tf.random.stateless_normal([size, 32, 32, 3], [seed + 1, start])
+        return 0.5 * tf.gather(patterns, labels) + noise, tf.one_hot(labels, classes)
+
+    return tf.data.Dataset.range(0, n, batch_size).map(batch)
 
 
 def peak_rss_gib() -> float:
@@ -108,11 +119,8 @@ class Context:
         self.args = args
         self.model = resnet()
         self.loss = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None)
-        x, y = images(args.n_train)
-        qx, qy = images(args.n_query, seed=1)
-        self.train_arrays = (x, y)
-        self.train = tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch_size)
-        self.queries = tf.data.Dataset.from_tensor_slices((qx, qy)).batch(args.batch_size)
+        self.train = images(args.n_train, args.batch_size)
+        self.queries = images(args.n_query, args.batch_size, seed=2)
         self.influence_model: Any = None
         self.calculator: Any = None
 
@@ -121,10 +129,9 @@ def stage_epoch(ctx: Context) -> str:
     """One training epoch (the reference), after a one-batch warm-up that builds the train step."""
     model = ctx.model
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    x, y = ctx.train_arrays
-    model.fit(x[: ctx.args.batch_size], y[: ctx.args.batch_size], batch_size=ctx.args.batch_size, verbose=0)
+    model.fit(ctx.train.take(1), verbose=0)
     start, cpu = time.perf_counter(), time.process_time()
-    model.fit(x, y, batch_size=ctx.args.batch_size, epochs=1, verbose=0, shuffle=False)
+    model.fit(ctx.train, epochs=1, verbose=0)
     ctx.epoch_seconds = time.perf_counter() - start
     ctx.epoch_cpu = time.process_time() - cpu
     return f"{model.count_params():,} parameters"
@@ -136,6 +143,7 @@ def stage_factors(ctx: Context) -> str:
         ctx.influence_model,
         ctx.train,
         query_rank=ctx.args.query_rank,
+        query_dtype=ctx.args.query_dtype,
         factors_path=ctx.args.factors_path,
         refit_fraction=ctx.args.refit_fraction,
     )
@@ -215,27 +223,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     results["peak_rss_gib"] = peak_rss_gib()
     if args.fidelity_rank:
-        results["fidelity"] = low_rank_fidelity(ctx, args.fidelity_rank)
+        results["fidelity_rank"] = query_fidelity(ctx, "query_rank", args.fidelity_rank)
+    if args.fidelity_dtype:
+        results["fidelity_dtype"] = query_fidelity(ctx, "query_dtype", args.fidelity_dtype)
     return results
 
 
-def low_rank_fidelity(ctx: Context, rank: int, n_train: int = 256, n_query: int = 32) -> dict[str, float]:
-    """Rank-`rank` queries against full rank on a slice: Pearson of the scores, overlap of the top-10."""
+def query_fidelity(ctx: Context, setting: str, value: Any, n_train: int = 256, n_query: int = 32) -> dict[str, Any]:
+    """Queries with the solver's `setting` (`query_rank` or `query_dtype`) at `value` against full
+    rank in float32 on a slice: Pearson of the scores, overlap of the top-10, largest difference
+    relative to the largest |score|."""
     solver = ctx.calculator.ihvp_calculator
     train, queries = ctx.train.unbatch().take(n_train).batch(64), ctx.queries.unbatch().take(n_query).batch(64)
-    scores = {}
-    for r in (None, rank):
-        solver.query_rank = r
+    kept = solver.query_rank, solver.query_dtype
+    scores = []
+    for rank, dtype in ((None, "float32"), (value, kept[1]) if setting == "query_rank" else (kept[0], value)):
+        solver.query_rank, solver.query_dtype = rank, dtype
         calculator = FirstOrderInfluenceCalculator(ctx.influence_model, train, ihvp_calculator=solver)
-        scores[r] = calculator.influence_matrix(queries, train)
-    full, low = scores[None], scores[rank]
-    top_full, top_low = np.argsort(-full, axis=1)[:, :10], np.argsort(-low, axis=1)[:, :10]
-    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_full, top_low)])
-    pearson = float(np.corrcoef(full.ravel(), low.ravel())[0, 1])
+        scores.append(calculator.influence_matrix(queries, train))
+    solver.query_rank, solver.query_dtype = kept
+    full, other = scores
+    top_full, top_other = np.argsort(-full, axis=1)[:, :10], np.argsort(-other, axis=1)[:, :10]
+    overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_full, top_other)]))
+    pearson = float(np.corrcoef(full.ravel(), other.ravel())[0, 1])
+    error = float(np.abs(other - full).max() / np.abs(full).max())
     print(
-        f"query rank {rank} vs full rank ({n_query} x {n_train}): Pearson {pearson:.4f}, top-10 overlap {overlap:.3f}"
+        f"{setting}={value} vs full rank float32 ({n_query} x {n_train}): Pearson {pearson:.6f}, "
+        f"top-10 overlap {overlap:.3f}, largest difference {error:.2e} of the largest |score|"
     )
-    return {"rank": rank, "pearson": pearson, "top10_overlap": float(overlap)}
+    return {"setting": setting, "value": value, "pearson": pearson, "top10_overlap": overlap, "max_error": error}
 
 
 def main() -> None:
@@ -244,7 +260,9 @@ def main() -> None:
     parser.add_argument("--n-query", type=int, default=1_000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--query-rank", type=int, default=None, help="low-rank queries (default: full rank)")
+    parser.add_argument("--query-dtype", default="float32", help="precision of the held queries (float32, bfloat16)")
     parser.add_argument("--fidelity-rank", type=int, default=None, help="compare rank-r queries with full rank")
+    parser.add_argument("--fidelity-dtype", default=None, help="compare queries in this dtype with float32")
     parser.add_argument("--sizes", type=str, default=None, help="comma-separated n_train values, one process each")
     parser.add_argument("--refit-fraction", type=float, default=1.0, help="EK-FAC refit on this share of batches")
     parser.add_argument("--stages", type=str, default=None, help="comma-separated stages to time (default: all)")
@@ -267,6 +285,7 @@ def main() -> None:
         command += ["--batch-size", str(args.batch_size), "--json"]
         if args.query_rank is not None:
             command += ["--query-rank", str(args.query_rank)]
+        command += ["--query-dtype", args.query_dtype]
         if args.stages is not None:
             command += ["--stages", args.stages]
         command += ["--refit-fraction", str(args.refit_fraction)]

@@ -285,6 +285,8 @@ def test_bad_settings_and_unsupported_loss_are_named() -> None:
         KFACIHVP(im, data, fisher="fisherman")
     with pytest.raises(ValueError, match="query_rank=0"):
         KFACIHVP(im, data, query_rank=0)
+    with pytest.raises(ValueError, match="query_dtype='float16'"):
+        KFACIHVP(im, data, query_dtype="float16")
     hinge = _quiet_model(model, keras.losses.CategoricalHinge(reduction=None))
     with pytest.warns(UserWarning, match="empirical Fisher"):
         KFACIHVP(hinge, data)

@@ -91,12 +91,18 @@ def _check_k(k: Any, available: int, what: str) -> int:
     return k
 
 
-def _bytes(tensor: Any) -> int:
-    return int(np.prod(tensor.shape)) * tensor.dtype.size
+def _bytes(side: Any) -> int:
+    """Bytes of a side: a tensor `(rows, dim)`, or a tuple of them (one per block of columns)."""
+    return sum(int(np.prod(t.shape)) * t.dtype.size for t in tf.nest.flatten(side))
 
 
-def _merged(sides: list[tf.Tensor]) -> tf.Tensor:
-    return sides[0] if len(sides) == 1 else tf.concat(sides, axis=0)
+def _rows(side: Any) -> int:
+    return int(tf.nest.flatten(side)[0].shape[0])
+
+
+def _merged(sides: list[Any]) -> Any:
+    """Sides (tensors, or tuples of blocks) stacked along their rows."""
+    return sides[0] if len(sides) == 1 else tf.nest.map_structure(lambda *t: tf.concat(t, axis=0), *sides)
 
 
 def _column_blocks(matrix: np.ndarray, sizes: list[int]) -> tf.data.Dataset:
@@ -233,6 +239,14 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         """Scores `(n_test, batch)` of the scoring pairing; `test_side @ train_side^T` by default."""
         return tf.matmul(test_side, train_side, transpose_b=True)
 
+    def _packed_side(self, train_side: Any, component: int) -> np.ndarray:
+        """A training side as one array `(batch, width)`, as `store=` keeps it (override with
+        `_unpacked_side` for sides that are not one tensor)."""
+        return np.asarray(train_side)
+
+    def _unpacked_side(self, packed: np.ndarray, component: int) -> Any:
+        return packed
+
     def _self_influence(self, batch: Batch) -> np.ndarray:
         total = 0.0
         for c in range(self.n_components):
@@ -246,7 +260,8 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
         self, dataset: Any, budget: int | None = None
     ) -> Iterator[tuple[list[list[tf.Tensor]], list[int]]]:
         """Per group of consecutive test batches: per component, the test-side vectors in chunks
-        `(rows, dim)`, and the sizes of the user's test batches in the group.
+        `(rows, dim)` (or tuples of such blocks of columns, as the method's side is), and the
+        sizes of the user's test batches in the group.
 
         Batches are merged into chunks of about `TEST_CHUNK_BYTES` (a GEMM per chunk runs faster
         than one per small batch), never into one tensor (that would hold every test side twice
@@ -298,9 +313,9 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
             return (([p.size for p in parts_of(b)] if b.parts else None, compute(b)) for b in blocks)
         batches = track(self._batches(train_set, "train_set"), "scoring (training batches)", _n_batches(train_set))
         names = [f"train_side_{c}" for c in range(self.n_components)]
-        return (
-            (None, row) for row in stored_rows(open_calculator_store(self, train_set, store), names, batches, compute)
-        )
+        packed = lambda b: [self._packed_side(side, c) for c, side in enumerate(compute(b))]  # noqa: E731
+        rows = stored_rows(open_calculator_store(self, train_set, store), names, batches, packed)
+        return ((None, [self._unpacked_side(side, c) for c, side in enumerate(row)]) for row in rows)
 
     def _paired_blocks(self, test_blocks: list[tf.Tensor], train_side: Any, component: int) -> np.ndarray:
         """`_pair` of each chunk of test sides with one training side, stacked: `(n_test, batch)`."""
@@ -312,7 +327,7 @@ class BaseInfluenceCalculator(SelfInfluenceCalculator):
     ) -> Iterator[np.ndarray]:
         """Score blocks `(n_test, train_batch)`: each training side paired with every block of test
         sides, the small `(test_batch, train_batch)` results stacked, components summed."""
-        n_test = sum(int(side.shape[0]) for side in test_sides[0]) if test_sides else 0
+        n_test = sum(_rows(side) for side in test_sides[0]) if test_sides else 0
         for sizes, train_side in self._train_sides(train_set, store, n_test):
             block = self._paired_blocks(test_sides[0], train_side[0], 0)
             for c in range(1, len(test_sides)):

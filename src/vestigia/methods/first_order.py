@@ -159,6 +159,16 @@ class FirstOrderInfluenceCalculator(BaseInfluenceCalculator):
             return self._factored.pair(test_blocks, train_side)
         return super()._paired_blocks(test_blocks, train_side, component)
 
+    def _packed_side(self, train_side: Any, component: int) -> np.ndarray:
+        if self._factored is not None:
+            return self._factored.pack(train_side)
+        return super()._packed_side(train_side, component)
+
+    def _unpacked_side(self, packed: np.ndarray, component: int) -> Any:
+        if self._factored is not None:
+            return self._factored.unpack(packed)
+        return super()._unpacked_side(packed, component)
+
     def _self_influence(self, batch: Batch) -> np.ndarray:
         if self._factored is not None:
             return self._factored.self_influence(batch)
