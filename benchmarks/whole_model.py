@@ -129,9 +129,9 @@ def stage_epoch(ctx: Context) -> str:
     """One training epoch (the reference), after a one-batch warm-up that builds the train step."""
     model = ctx.model
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
-    model.fit(ctx.train.take(1), verbose=0)
+    model.fit(ctx.train.take(1), verbose=0, shuffle=False)
     start, cpu = time.perf_counter(), time.process_time()
-    model.fit(ctx.train, epochs=1, verbose=0)
+    model.fit(ctx.train, epochs=1, verbose=0, shuffle=False)
     ctx.epoch_seconds = time.perf_counter() - start
     ctx.epoch_cpu = time.process_time() - cpu
     return f"{model.count_params():,} parameters"
