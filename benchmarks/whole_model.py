@@ -15,9 +15,9 @@ Timed in the same process, each as a ratio to one training epoch on the same tra
 * `pairwise_topk`: every query against every training example, streamed top-k (k=10), never a
   held `(n_query, n_train)` matrix; queries full rank, or rank-r with `--query-rank`, held in
   float32 or (`--query-dtype bfloat16`) in bfloat16 and paired by bfloat16 GEMMs; it includes
-  the queries' preconditioned gradients (a fixed cost, ~5 s per 64 full-rank queries on 2 cores),
+  the queries' preconditioned gradients (a fixed cost, ~4.5 s per 64 full-rank queries on 2 cores, ~2.8 s in bfloat16),
   so compare two `--sizes` for the marginal ratio per training example;
-* `trak_featurise`: TRAK's features of the training set for one checkpoint, k ~ 2,048 (LoGra
+* `trak_featurise`: TRAK's features of the training set for one checkpoint, k >= 2,048 (LoGra
   factored projection, `vestigia.projection.FactoredProjection`).
 Both wall-clock and process-CPU ratios are printed (CPU time is less disturbed by other
 processes on a shared machine). Then peak RSS (`resource.getrusage`), and with `--sizes` the
@@ -34,12 +34,12 @@ Targets (issue 11): factors <= 3 epochs, self-influence <= 3, pairwise <= 4, TRA
 checkpoint, peak <= 6 GiB, flat in `n_train`. Floors at the training GEMMs' speed (multiply-adds
 per example; training step 585M): factors 3.7 epochs (capture passes 2 x 0.67, input covariances
 0.83 with `conv_covariance`, the refit's rotations `in^2 min(T, out)` per layer 1.58),
-self-influence 2.25, pairwise with 1,000 full-rank queries 3.1. To add a stage, append a
-function to `STAGES`.
+self-influence 2.25, pairwise with 1,000 full-rank float32 queries 3.1 (bfloat16 GEMMs run
+about twice as fast). To add a stage, append a function to `STAGES`.
 
 `--query-budget-gib B` holds at most `B` GiB of the queries' preconditioned gradients at once
 (`vestigia.methods.engine.TEST_SIDE_BYTES`): above it the queries are scored in groups, one pass
-over the training set each (full rank, 1,000 queries hold 4.6 GiB).
+over the training set each (full rank, 1,000 queries hold 4.6 GiB in float32, 2.3 GiB in bfloat16).
 
 `--fidelity-dtype bfloat16` / `--fidelity-rank r` compare such queries with full-rank float32 ones
 on a slice (256 training x 32 queries): Pearson, top-10 overlap, largest difference.
@@ -162,10 +162,10 @@ def stage_pairwise(ctx: Context) -> str:
 
 
 def stage_trak(ctx: Context) -> str:
-    """TRAK featurisation of the training set for one checkpoint, k ~ 2,048: LoGra's factored
-    projection with `k_in = k_out = floor(sqrt(2048 / n_layers))` per layer (helper `trak`'s API)."""
+    """TRAK featurisation of the training set for one checkpoint, k >= 2,048: LoGra's factored
+    projection with `k_in = k_out = ceil(sqrt(2048 / n_layers))` per layer (10 layers: 15 x 15, k = 2,250)."""
     n_layers = len(ctx.calculator.ihvp_calculator.layers)
-    side = int(np.sqrt(2048 / n_layers))
+    side = int(np.ceil(np.sqrt(2048 / n_layers)))
     projection = FactoredProjection(ctx.influence_model, k_in=side, k_out=side)
     TRAK(ctx.influence_model, ctx.train, projection=projection)
     return f"k = {projection.k} ({side} x {side} per layer)"
